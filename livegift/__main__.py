@@ -1,0 +1,5 @@
+import sys
+
+from livegift.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Transport: the Starlette app, HTTP routes and the WebSocket endpoint."""

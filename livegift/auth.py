@@ -1,0 +1,166 @@
+"""Identity (PROTOCOL §1) and receipts (§3): minting and checking signed JWTs.
+
+Pure functions: no I/O, no framework. The current date is a parameter so that the adult
+rule can be tested at its edges.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+import jwt
+
+from livegift.catalog import Catalog
+from livegift.errors import InvalidReceipt, PriceMismatch, Unauthorized
+
+USER_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+ALGORITHM = "HS256"
+ADULT_AGE = 18
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    name: str
+    birthdate: date | None = None
+    roles: tuple[str, ...] = ()
+
+    def is_adult(self, today: date | None = None) -> bool:
+        return is_adult(self.birthdate, today or datetime.now(UTC).date())
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.roles
+
+    def public(self) -> dict[str, str]:
+        return {"id": self.id, "name": self.name}
+
+
+def is_adult(birthdate: date | None, today: date) -> bool:
+    """18 or older on ``today``; someone born on 29 February comes of age on 1 March."""
+    if birthdate is None:
+        return False
+    years = today.year - birthdate.year
+    if (today.month, today.day) < (birthdate.month, birthdate.day):
+        years -= 1
+    return years >= ADULT_AGE
+
+
+def parse_birthdate(value: object) -> date | None:
+    if not isinstance(value, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def mint_token(
+    secret: str,
+    sub: str,
+    *,
+    name: str | None = None,
+    birthdate: str | None = None,
+    ttl: int = 86400,
+    roles: list[str] | None = None,
+    now: float | None = None,
+) -> str:
+    if not USER_ID.match(sub):
+        raise ValueError("user id must be 1-64 of A-Z a-z 0-9 _ . -")
+    issued = int(now if now is not None else time.time())
+    claims: dict[str, Any] = {"sub": sub, "iat": issued, "exp": issued + ttl}
+    if name is not None:
+        claims["name"] = name
+    if birthdate is not None:
+        claims["birthdate"] = birthdate
+    if roles:
+        claims["roles"] = roles
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def verify_token(secret: str, token: str | None) -> User:
+    """The user a token names, or :class:`Unauthorized`."""
+    if not token:
+        raise Unauthorized("a token is required")
+    try:
+        claims = jwt.decode(
+            token, secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub"]}
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("the token has expired") from None
+    except jwt.PyJWTError as exc:
+        raise Unauthorized(f"invalid token: {exc}") from None
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not USER_ID.match(sub):
+        raise Unauthorized("invalid token: bad sub")
+    name = claims.get("name")
+    if not isinstance(name, str) or not 1 <= len(name) <= 64:
+        name = sub
+    roles = claims.get("roles")
+    role_tuple = tuple(r for r in roles if isinstance(r, str)) if isinstance(roles, list) else ()
+    return User(sub, name, parse_birthdate(claims.get("birthdate")), role_tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    txn: str
+    sub: str
+    package: str
+    region: str
+    amount: int
+    currency: str
+    coins: int
+
+
+def mint_receipt(
+    payment_secret: str,
+    catalog: Catalog,
+    sub: str,
+    package: str,
+    *,
+    region: str = "US",
+    txn: str | None = None,
+) -> str:
+    """A sandbox receipt at the region's list price."""
+    price_list = catalog.price_list(region)
+    pkg = price_list.package(package)
+    claims = {
+        "txn": txn or f"sandbox-{secrets.token_hex(8)}",
+        "sub": sub,
+        "package": pkg.id,
+        "region": price_list.region,
+        "amount": pkg.price,
+        "currency": price_list.currency,
+    }
+    return jwt.encode(claims, payment_secret, algorithm=ALGORITHM)
+
+
+def verify_receipt(payment_secret: str, catalog: Catalog, receipt: object, user: User) -> Receipt:
+    if not isinstance(receipt, str) or not receipt:
+        raise InvalidReceipt("receipt must be a signed string")
+    try:
+        claims = jwt.decode(receipt, payment_secret, algorithms=[ALGORITHM])
+    except jwt.PyJWTError as exc:
+        raise InvalidReceipt(f"invalid receipt: {exc}") from None
+    txn, sub = claims.get("txn"), claims.get("sub")
+    package, region = claims.get("package"), claims.get("region", "US")
+    amount, currency = claims.get("amount"), claims.get("currency")
+    if not isinstance(txn, str) or not 1 <= len(txn) <= 128:
+        raise InvalidReceipt("receipt txn must be 1-128 characters")
+    if sub != user.id:
+        raise InvalidReceipt("receipt belongs to another user")
+    if not isinstance(package, str) or not isinstance(region, str):
+        raise InvalidReceipt("receipt package and region must be strings")
+    price_list = catalog.price_list(region)
+    pkg = price_list.package(package)
+    if type(amount) is not int or amount != pkg.price or currency != price_list.currency:
+        raise PriceMismatch(
+            f"{pkg.id} in {price_list.region} costs {pkg.price} {price_list.currency}, "
+            f"receipt says {amount} {currency}"
+        )
+    return Receipt(txn, user.id, pkg.id, price_list.region, pkg.price, price_list.currency, pkg.coins)

@@ -1,0 +1,400 @@
+"""The ``livegift`` command: serve, token, receipt, reconcile, payouts, watch, gift."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from livegift import auth
+from livegift.catalog import default_catalog
+from livegift.config import ConfigError, Settings
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _settings(quiet: bool = True) -> Settings:
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore", RuntimeWarning)
+        return Settings.from_env()
+
+
+# -- serve -----------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from livegift.embedded import EmbeddedError, EmbeddedRedis
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env()
+    embedded: EmbeddedRedis | None = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis(settings.data_dir)
+        try:
+            url = embedded.start()
+        except EmbeddedError as exc:
+            print(f"livegift: {exc}", file=sys.stderr)
+            return 2
+        how = f"started {embedded.binary}" if embedded.owned else "reusing the server"
+        print(f"livegift: data store {url} ({how}, data in {settings.data_dir.resolve()})")
+        os.environ["REDIS_URL"] = url
+        settings = settings.with_(redis_url=url)
+    if args.batch_ms is not None:
+        os.environ["LIVEGIFT_BATCH_MS"] = str(args.batch_ms)
+        settings = settings.with_(batch_ms=args.batch_ms)
+    common: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "ws": "websockets-sansio",
+        "ws_max_size": 4096,
+        "ws_per_message_deflate": False,
+        "ws_ping_interval": 20.0,
+        "ws_ping_timeout": 20.0,
+        "http": "httptools",
+        "loop": "uvloop",
+        "lifespan": "on",
+        "access_log": args.access_log,
+        "log_level": "warning",
+        "backlog": 8192,
+        "timeout_graceful_shutdown": 5,
+    }
+    try:
+        if args.workers > 1:
+            if args.demo:
+                asyncio.run(_seed_and_print(settings, args, bots=False))
+            uvicorn.run("livegift.api.app:create_app", factory=True, workers=args.workers, **common)
+        else:
+            asyncio.run(_serve_one(settings, args, common))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if embedded is not None and embedded.owned:
+            print("livegift: stopping the data store")
+            embedded.stop()
+    return 0
+
+
+async def _seed_and_print(settings: Settings, args: argparse.Namespace, bots: bool) -> Any:
+    from livegift.demo import seed
+
+    info = await seed(settings)
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    base = f"http://{host}:{args.port}"
+    print(
+        "\n"
+        "  livegift demo is live in room '" + info.room + "'"
+        + (" with simulated gifters" if bots else "") + "\n\n"
+        f"  Creator studio : {base}/studio/{info.room}?token={info.creator_token}\n"
+        f"  Stream overlay : {base}/overlay/{info.room}?token={info.creator_token}&goal=50000\n"
+        f"  Viewer page    : {base}/watch/{info.room}?token={info.viewer_token}\n\n"
+        f"  Watch in a terminal : livegift watch {info.room} --url {base} --token {info.viewer_token}\n"
+        f"  Send a gift         : livegift gift {info.room} rose --count 5 --url {base} --token {info.viewer_token}\n"
+        f"  Under-18 viewer token (can watch, cannot gift): {info.minor_token}\n"
+        f"  Check the books     : livegift reconcile\n",
+        flush=True,
+    )  # fmt: skip
+    return info
+
+
+async def _serve_one(settings: Settings, args: argparse.Namespace, common: dict[str, Any]) -> None:
+    import uvicorn
+
+    from livegift.api.app import create_app
+
+    config = uvicorn.Config(create_app(settings), **common)
+    server = uvicorn.Server(config)
+    stop = asyncio.Event()
+    side: list[asyncio.Task[Any]] = []
+
+    async def after_start() -> None:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        if args.demo:
+            from livegift.demo import simulate_gifters
+
+            info = await _seed_and_print(settings, args, bots=not args.no_bots)
+            if not args.no_bots:
+                host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+                base_ws = f"ws://{host}:{args.port}"
+                side.append(asyncio.create_task(simulate_gifters(settings, base_ws, info.room, stop)))
+
+    starter = asyncio.create_task(after_start())
+    try:
+        await server.serve()
+    finally:
+        stop.set()
+        starter.cancel()
+        for task in side:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+# -- tokens and receipts ---------------------------------------------------------------
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    settings = _settings()
+    roles = ["admin"] if args.admin else None
+    try:
+        token = auth.mint_token(
+            settings.secret, args.user, name=args.name, birthdate=args.birthdate,
+            ttl=args.ttl, roles=roles,
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"livegift token: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
+def cmd_receipt(args: argparse.Namespace) -> int:
+    settings = _settings()
+    try:
+        receipt = auth.mint_receipt(
+            settings.payment_secret, default_catalog(), args.user, args.package,
+            region=args.region, txn=args.txn,
+        )  # fmt: skip
+    except Exception as exc:
+        print(f"livegift receipt: {exc}", file=sys.stderr)
+        return 2
+    print(receipt)
+    return 0
+
+
+# -- operator commands on the data store -----------------------------------------------
+
+
+@contextlib.contextmanager
+def _data_store(settings: Settings) -> Any:
+    """REDIS_URL, else the embedded server's data (started for the command if needed)."""
+    import redis
+
+    from livegift.embedded import EmbeddedRedis
+
+    embedded = None
+    url = settings.redis_url
+    if not url:
+        embedded = EmbeddedRedis(settings.data_dir)
+        if not (settings.data_dir.exists() or embedded.running_url()):
+            raise SystemExit(
+                f"livegift: no data store: REDIS_URL is unset and {settings.data_dir} has no data"
+            )
+        url = embedded.start()
+    client = redis.Redis.from_url(url)
+    try:
+        yield client, url
+    finally:
+        client.close()
+        if embedded is not None:
+            embedded.stop()
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from livegift.reconcile import reconcile
+
+    settings = _settings()
+    with _data_store(settings) as (client, _url):
+        report = reconcile(client, progress=None if args.quiet else sys.stderr)
+    if args.json:
+        print(json.dumps({**report.__dict__, "ok": report.ok}, indent=2))
+    else:
+        print(report.render())
+    return 0 if report.ok else 1
+
+
+def cmd_payout(args: argparse.Namespace) -> int:
+    from redis.asyncio import Redis
+
+    from livegift.errors import LiveGiftError
+    from livegift.ledger import Ledger
+
+    settings = _settings()
+
+    async def settle(url: str) -> dict[str, Any]:
+        client = Redis.from_url(url)
+        try:
+            return await Ledger(client, settings, default_catalog()).settle_payout(
+                args.payout, args.outcome
+            )
+        finally:
+            await client.aclose()
+
+    with _data_store(settings) as (_client, url):
+        try:
+            payout = asyncio.run(settle(url))
+        except LiveGiftError as exc:
+            print(f"livegift payout: {exc.code}: {exc.message}", file=sys.stderr)
+            return 1
+    print(json.dumps(payout, indent=2))
+    return 0
+
+
+# -- terminal clients ------------------------------------------------------------------
+
+
+def _ws_url(base: str, room: str, token: str, since: int | None = None) -> str:
+    base = base.rstrip("/")
+    if base.startswith("http"):
+        base = "ws" + base[4:]
+    url = f"{base}/ws/{room}?token={token}"
+    return url if since is None else f"{url}&since={since}"
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import connect
+
+    url = _ws_url(args.url, args.room, args.token, args.since)
+    try:
+        with connect(url, subprotocols=["livegift.json"]) as ws:  # type: ignore[list-item]
+            for frame in ws:
+                data = json.loads(frame)
+                for event in data if isinstance(data, list) else [data]:
+                    print(_describe(event) if not args.raw else json.dumps(event), flush=True)
+    except InvalidStatus as exc:
+        print(f"livegift watch: refused: HTTP {exc.response.status_code} "
+              f"{exc.response.body.decode(errors='replace')}", file=sys.stderr)  # fmt: skip
+        return 1
+    except ConnectionClosed as exc:
+        code = exc.rcvd.code if exc.rcvd else 1006
+        reason = exc.rcvd.reason if exc.rcvd else ""
+        print(f"livegift watch: closed {code} {reason}", file=sys.stderr)
+        return 0 if code == 1000 else 1
+    except OSError as exc:
+        print(f"livegift watch: cannot connect to {args.url}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _describe(event: dict[str, Any]) -> str:
+    kind = event.get("type")
+    if kind == "gift":
+        return (f"#{event['seq']} {event['from']['name']} sent {event['count']}x "
+                f"{event['gift']['name']} ({event['coins']} coins) combo x{event['combo']}")  # fmt: skip
+    if kind == "shoutout":
+        auto = " (auto)" if event.get("auto") else ""
+        return f"#{event['seq']} shout-out to {event['to']['name']}{auto}: {event['text']}"
+    if kind == "welcome":
+        return (f"joined {event['room']} as {event['you']['name']}; creator "
+                f"{event['creator']['name']}, {event['viewers']} watching, seq {event['seq']}")  # fmt: skip
+    if kind == "viewers":
+        return f"{event['count']} watching"
+    if kind == "leaderboard":
+        top = ", ".join(f"{t['user']['name']} {t['coins']}" for t in event["top"][:3])
+        return f"top gifters: {top}"
+    if kind == "stream_ended":
+        return f"#{event['seq']} the stream has ended"
+    return json.dumps(event)
+
+
+def cmd_gift(args: argparse.Namespace) -> int:
+    import secrets
+
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import connect
+
+    req = args.req or f"cli-{secrets.token_hex(6)}"
+    url = _ws_url(args.url, args.room, args.token)
+    try:
+        with connect(url, subprotocols=["livegift.json"]) as ws:  # type: ignore[list-item]
+            ws.send(json.dumps({"op": "gift", "req": req, "gift": args.gift, "count": args.count}))
+            for _ in range(10_000):
+                data = json.loads(ws.recv(timeout=10))
+                for event in data if isinstance(data, list) else [data]:
+                    if event.get("type") == "ack" and event.get("req") == req:
+                        print(json.dumps(event))
+                        return 0 if event["ok"] else 1
+    except InvalidStatus as exc:
+        print(f"livegift gift: refused: HTTP {exc.response.status_code}", file=sys.stderr)
+    except ConnectionClosed as exc:
+        code = exc.rcvd.code if exc.rcvd else 1006
+        print(f"livegift gift: closed {code} {exc.rcvd.reason if exc.rcvd else ''}", file=sys.stderr)
+    except (OSError, TimeoutError) as exc:
+        print(f"livegift gift: {exc}", file=sys.stderr)
+    return 1
+
+
+# -- parser ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="livegift", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the server (starts its own Redis when REDIS_URL is unset)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--demo", action="store_true", help="seed a live demo room and print page URLs")
+    s.add_argument("--no-bots", action="store_true", help="with --demo: no simulated gifters")
+    s.add_argument("--batch-ms", type=int, default=None, help="fan-out batch window in ms")
+    s.add_argument("--access-log", action="store_true")
+    s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("token", help="print a signed user token (development and tests)")
+    t.add_argument("user")
+    t.add_argument("--name")
+    t.add_argument("--birthdate", help="YYYY-MM-DD; omit for a user who is not an adult")
+    t.add_argument("--ttl", type=int, default=86400, help="seconds (default 86400)")
+    t.add_argument("--admin", action="store_true")
+    t.set_defaults(func=cmd_token)
+
+    r = sub.add_parser("receipt", help="print a signed sandbox receipt at the list price")
+    r.add_argument("user")
+    r.add_argument("package", help="package id, e.g. p330")
+    r.add_argument("--region", default="US")
+    r.add_argument("--txn")
+    r.set_defaults(func=cmd_receipt)
+
+    c = sub.add_parser("reconcile", help="check the money invariants; exit 1 when they fail")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_reconcile)
+
+    po = sub.add_parser("payout", help="operator: settle a pending payout")
+    po.add_argument("payout", help="payout id (po_...)")
+    po.add_argument("outcome", choices=["paid", "failed"])
+    po.set_defaults(func=cmd_payout)
+
+    for name, helptext in (("watch", "print a room's events as they arrive"),
+                           ("gift", "send one gift and print the ack")):  # fmt: skip
+        w = sub.add_parser(name, help=helptext)
+        w.add_argument("room")
+        if name == "gift":
+            w.add_argument("gift", help="gift id, e.g. rose")
+            w.add_argument("--count", type=int, default=1)
+            w.add_argument("--req", help="request id (default: random)")
+        else:
+            w.add_argument("--since", type=int, help="resume after this seq")
+            w.add_argument("--raw", action="store_true", help="print JSON events")
+        w.add_argument("--token", required=True)
+        w.add_argument("--url", default=os.environ.get("LIVEGIFT_URL", DEFAULT_URL))
+        w.set_defaults(func=cmd_watch if name == "watch" else cmd_gift)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"livegift: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The exception tree; each class maps to one PROTOCOL §6 code in one place.
+
+    LiveGiftError                 base, code "internal", HTTP 500
+    ├── BadRequest                bad_request, 400
+    ├── Unauthorized              unauthorized, 401 (WebSocket close 4401)
+    ├── Forbidden                 forbidden, 403 (WebSocket close 4403)
+    ├── NotFound                  not_found, 404
+    ├── UnknownGift               unknown_gift, 400
+    ├── UnknownPackage            unknown_package, 400
+    ├── InsufficientFunds         insufficient_funds, 402
+    ├── NotAdult                  not_adult, 403
+    ├── StreamNotLive             stream_not_live, 409
+    ├── SelfGift                  self_gift, 400
+    ├── RateLimited               rate_limited, 429
+    ├── IdempotencyConflict       idempotency_conflict, 409
+    ├── InvalidReceipt            invalid_receipt, 400
+    ├── PriceMismatch             price_mismatch, 400
+    ├── BelowMinimum              below_minimum, 400
+    ├── PayoutLimit               payout_limit, 409
+    └── Unavailable               unavailable, 503 (WebSocket close 1013)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class LiveGiftError(Exception):
+    code: ClassVar[str] = "internal"
+    status: ClassVar[int] = 500
+    default_message: ClassVar[str] = "internal server error"
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or self.default_message
+        super().__init__(self.message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+class BadRequest(LiveGiftError):
+    code, status, default_message = "bad_request", 400, "the request is not valid"
+
+
+class Unauthorized(LiveGiftError):
+    code, status, default_message = "unauthorized", 401, "a valid token is required"
+
+
+class Forbidden(LiveGiftError):
+    code, status, default_message = "forbidden", 403, "you may not do that"
+
+
+class NotFound(LiveGiftError):
+    code, status, default_message = "not_found", 404, "not found"
+
+
+class UnknownGift(LiveGiftError):
+    code, status, default_message = "unknown_gift", 400, "no such gift"
+
+
+class UnknownPackage(LiveGiftError):
+    code, status, default_message = "unknown_package", 400, "no such coin package"
+
+
+class InsufficientFunds(LiveGiftError):
+    code, status, default_message = "insufficient_funds", 402, "not enough coins"
+
+
+class NotAdult(LiveGiftError):
+    code, status, default_message = "not_adult", 403, "you must be 18 or older to do that"
+
+
+class StreamNotLive(LiveGiftError):
+    code, status, default_message = "stream_not_live", 409, "the stream is not live"
+
+
+class SelfGift(LiveGiftError):
+    code, status, default_message = "self_gift", 400, "you cannot send gifts to your own stream"
+
+
+class RateLimited(LiveGiftError):
+    code, status, default_message = "rate_limited", 429, "too many gifts, slow down"
+
+
+class IdempotencyConflict(LiveGiftError):
+    code, status = "idempotency_conflict", 409
+    default_message = "this request id was already used with different parameters"
+
+
+class InvalidReceipt(LiveGiftError):
+    code, status, default_message = "invalid_receipt", 400, "the receipt is not valid"
+
+
+class PriceMismatch(LiveGiftError):
+    code, status, default_message = "price_mismatch", 400, "the receipt's price is not the list price"
+
+
+class BelowMinimum(LiveGiftError):
+    code, status, default_message = "below_minimum", 400, "below the minimum cash-out"
+
+
+class PayoutLimit(LiveGiftError):
+    code, status, default_message = "payout_limit", 409, "over the daily cash-out limit"
+
+
+class Unavailable(LiveGiftError):
+    code, status, default_message = "unavailable", 503, "the data store is unavailable, try again"
+
+
+BY_CODE: dict[str, type[LiveGiftError]] = {
+    cls.code: cls
+    for cls in (
+        LiveGiftError, BadRequest, Unauthorized, Forbidden, NotFound, UnknownGift,
+        UnknownPackage, InsufficientFunds, NotAdult, StreamNotLive, SelfGift, RateLimited,
+        IdempotencyConflict, InvalidReceipt, PriceMismatch, BelowMinimum, PayoutLimit,
+        Unavailable,
+    )
+}  # fmt: skip
+
+
+def from_code(code: str, message: str | None = None) -> LiveGiftError:
+    """The exception for a PROTOCOL code (as returned by a Lua script)."""
+    return BY_CODE.get(code, LiveGiftError)(message)

@@ -1,0 +1,357 @@
+"""The per-process hub: rooms, members, one subscription per room, encode-once fan-out.
+
+Events for a room are gathered for ``batch_ms`` and then written as one frame: one JSON
+array (the raw bytes the Lua script published, joined) and, only if a member speaks it,
+one MessagePack array. The same frame bytes go to every member through its sink; no
+coroutine runs per member per event. Seqs are checked on arrival: duplicates are dropped
+and a gap is filled from the room's history before anything later goes out, so every
+member sees durable events in seq order exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+import orjson
+
+from livegift.broker import Broker
+from livegift.metrics import DELIVERIES, FANOUT_BATCH, FANOUT_LATENCY, ROOMS, SLOW_CLOSES
+from livegift.protocol import JSON, MSGPACK, Codec
+from livegift.writer import Sink
+
+log = logging.getLogger("livegift.hub")
+
+SEQ = re.compile(rb'"seq":(\d+)')
+ENDED = b'"type":"stream_ended"'
+GIFT = b'"type":"gift"'
+
+TopFn = Callable[[str], Awaitable[list[dict[str, Any]]]]
+PresenceFn = Callable[[dict[str, int]], Awaitable[dict[str, int]]]
+
+
+def event_seq(data: bytes) -> int:
+    match = SEQ.search(data)
+    return int(match.group(1)) if match else 0
+
+
+def encode_events(codec: Codec, events: list[bytes]) -> bytes:
+    """One frame for a list of raw JSON events: the object itself, or an array."""
+    if codec is JSON:
+        payload = events[0] if len(events) == 1 else b"[" + b",".join(events) + b"]"
+    else:
+        decoded = [orjson.loads(e) for e in events]
+        payload = msgpack.packb(decoded[0] if len(decoded) == 1 else decoded)
+    return codec.frame(payload)
+
+
+class Member:
+    __slots__ = ("backlog", "sink", "user")
+
+    def __init__(self, user: str, sink: Sink) -> None:
+        self.user = user
+        self.sink = sink
+        self.backlog: list[bytes] | None = None
+
+
+class Room:
+    __slots__ = (
+        "early", "ended", "filling", "first_pending", "flushed_seq", "handle", "id",
+        "joining", "last_seq", "last_top", "linger", "members", "pending", "ready",
+        "stash", "top_dirty", "viewers",
+    )  # fmt: skip
+
+    def __init__(self, room_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.id = room_id
+        self.members: dict[Codec, set[Member]] = {JSON: set(), MSGPACK: set()}
+        self.pending: list[bytes] = []
+        self.first_pending = 0.0
+        self.handle: asyncio.TimerHandle | asyncio.Handle | None = None
+        self.last_seq = 0
+        self.flushed_seq = 0
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.early: list[bytes] = []
+        self.stash: dict[int, bytes] = {}
+        self.filling = False
+        self.ended = False
+        self.joining = 0
+        self.linger: asyncio.TimerHandle | None = None
+        self.top_dirty = False
+        self.last_top: list[dict[str, Any]] = []
+        self.viewers = -1
+
+    def count(self) -> int:
+        return len(self.members[JSON]) + len(self.members[MSGPACK])
+
+
+class Hub:
+    def __init__(
+        self,
+        broker_factory: Callable[[Callable[[str, bytes], None], Callable[[], None]], Broker],
+        *,
+        batch_ms: int,
+        linger_s: float = 1.0,
+    ) -> None:
+        self.broker = broker_factory(self.on_message, self.on_reconnect)
+        self.batch_s = batch_ms / 1000
+        self.linger_s = linger_s
+        self.rooms: dict[str, Room] = {}
+        self.process_id = f"{os.uname().nodename}:{os.getpid()}"
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ticker: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, top: TopFn | None = None, presence: PresenceFn | None = None) -> None:
+        await self.broker.start()
+        if top is not None and presence is not None:
+            self._ticker = self._loop.create_task(self._tick(top, presence), name="hub-ticker")
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        await self.broker.close()
+
+    def drain(self, code: int = 1013, reason: str = "server shutting down") -> None:
+        for room in self.rooms.values():
+            for members in room.members.values():
+                for member in members:
+                    member.sink.close(code, reason)
+
+    # -- membership ----------------------------------------------------------------------
+
+    async def join(
+        self, room_id: str, member: Member, welcome: Callable[[int, int], dict[str, Any]],
+        since: int | None = None,
+    ) -> None:  # fmt: skip
+        """Add a member; its first frame is welcome(seq, viewers), then (on resume) the
+        history after ``since`` and a ``resumed`` event, then live events."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            room = self.rooms[room_id] = Room(room_id, self._loop)
+            ROOMS.inc()
+            room.joining += 1
+            try:
+                await self.broker.subscribe(room_id)
+                room.last_seq = room.flushed_seq = await self.broker.latest_seq(room_id)
+            except BaseException as exc:
+                room.joining -= 1
+                room.ready.set_exception(exc)
+                room.ready.exception()  # mark retrieved
+                self._forget(room)
+                raise
+            room.ready.set_result(None)
+            early, room.early = room.early, []
+            for data in early:
+                self.on_message(room_id, data)
+        else:
+            room.joining += 1
+            if room.linger is not None:
+                room.linger.cancel()
+                room.linger = None
+            try:
+                await asyncio.shield(room.ready)
+            except BaseException:
+                room.joining -= 1
+                raise
+        room.joining -= 1
+        sink = member.sink
+        head = room.flushed_seq
+        viewers = max(room.viewers, room.count() + 1)
+        sink.write(sink.codec.frame(sink.codec.encode(welcome(head, viewers))))
+        room.members[sink.codec].add(member)
+        if since is None:
+            return
+        member.backlog = []
+        try:
+            replay = await self.broker.history(room_id, since, head) if since < head else []
+        except BaseException:
+            member.backlog = None
+            raise
+        complete = since >= head or (bool(replay) and event_seq(replay[0]) == since + 1)
+        if replay:
+            sink.write(encode_events(sink.codec, replay))
+        resumed = {"type": "resumed", "from": since + 1, "to": head, "complete": complete}
+        sink.write(sink.codec.frame(sink.codec.encode(resumed)))
+        backlog, member.backlog = member.backlog, None
+        if backlog:
+            sink.write(encode_events(sink.codec, backlog))
+
+    def leave(self, room_id: str, member: Member) -> None:
+        room = self.rooms.get(room_id)
+        if room is None:
+            return
+        room.members[member.sink.codec].discard(member)
+        if room.count() == 0 and room.joining == 0 and room.linger is None:
+            room.linger = self._loop.call_later(self.linger_s, self._drop, room)
+
+    def _drop(self, room: Room) -> None:
+        room.linger = None
+        if room.count() == 0 and room.joining == 0 and self.rooms.get(room.id) is room:
+            self._forget(room)
+            self._spawn(self.broker.unsubscribe(room.id))
+
+    def _forget(self, room: Room) -> None:
+        if self.rooms.get(room.id) is room:
+            del self.rooms[room.id]
+            ROOMS.dec()
+        if room.handle is not None:
+            room.handle.cancel()
+
+    def local_count(self, room_id: str) -> int:
+        room = self.rooms.get(room_id)
+        return room.count() if room else 0
+
+    # -- events in -----------------------------------------------------------------------
+
+    def on_message(self, room_id: str, data: bytes) -> None:
+        room = self.rooms.get(room_id)
+        if room is None:
+            return
+        if not room.ready.done():
+            room.early.append(data)
+            return
+        seq = event_seq(data)
+        if seq <= room.last_seq:
+            return  # already delivered, or before the members' welcome
+        if seq > room.last_seq + 1 or room.filling:
+            room.stash[seq] = data
+            if not room.filling:
+                room.filling = True
+                self._spawn(self._fill(room))
+            return
+        self._accept(room, seq, data)
+
+    def on_reconnect(self) -> None:
+        """Pub/sub came back: anything published meanwhile is fetched from history."""
+        for room in list(self.rooms.values()):
+            if room.ready.done() and not room.filling:
+                room.filling = True
+                self._spawn(self._fill(room, check_head=True))
+
+    async def _fill(self, room: Room, check_head: bool = False) -> None:
+        try:
+            for _ in range(100):
+                target = max(room.stash) - 1 if room.stash else room.last_seq
+                if check_head:
+                    target = max(target, await self.broker.latest_seq(room.id))
+                    check_head = False
+                if target > room.last_seq:
+                    for data in await self.broker.history(room.id, room.last_seq, target):
+                        seq = event_seq(data)
+                        if seq > room.last_seq:
+                            self._accept(room, seq, data)
+                if room.stash and min(room.stash) > room.last_seq + 1:
+                    log.warning("room %s: history lost seq %d..%d", room.id,
+                                room.last_seq + 1, min(room.stash) - 1)  # fmt: skip
+                    room.last_seq = min(room.stash) - 1
+                while room.last_seq + 1 in room.stash:
+                    seq = room.last_seq + 1
+                    self._accept(room, seq, room.stash.pop(seq))
+                for seq in [s for s in room.stash if s <= room.last_seq]:
+                    del room.stash[seq]
+                if not room.stash:
+                    return
+        except Exception:
+            log.exception("room %s: filling from history failed", room.id)
+            await asyncio.sleep(0.5)
+        finally:
+            room.filling = False
+            if room.stash and self.rooms.get(room.id) is room:
+                room.filling = True
+                self._spawn(self._fill(room))
+
+    def _accept(self, room: Room, seq: int, data: bytes) -> None:
+        room.last_seq = seq
+        if ENDED in data:
+            room.ended = True
+        elif GIFT in data:
+            room.top_dirty = True
+        self.push(room, data)
+
+    def push(self, room: Room, data: bytes) -> None:
+        """Queue one event for the room's next frame."""
+        if not room.pending:
+            room.first_pending = time.perf_counter()
+            if room.handle is None:
+                if self.batch_s > 0:
+                    room.handle = self._loop.call_later(self.batch_s, self._flush, room)
+                else:
+                    room.handle = self._loop.call_soon(self._flush, room)
+        room.pending.append(data)
+
+    # -- events out ----------------------------------------------------------------------
+
+    def _flush(self, room: Room) -> None:
+        room.handle = None
+        events = room.pending
+        if not events:
+            return
+        room.pending = []
+        room.flushed_seq = room.last_seq
+        delivered = 0
+        for codec, members in room.members.items():
+            if not members:
+                continue
+            frame: bytes | None = None
+            for member in members:
+                if member.backlog is not None:
+                    member.backlog.extend(events)
+                    continue
+                if frame is None:
+                    frame = encode_events(codec, events)
+                member.sink.write(frame)
+            delivered += len(members)
+        DELIVERIES.inc(delivered * len(events))
+        FANOUT_BATCH.observe(len(events))
+        FANOUT_LATENCY.observe(time.perf_counter() - room.first_pending)
+        if room.ended:
+            for members in room.members.values():
+                for member in members:
+                    if member.backlog is None:
+                        member.sink.close(1000, "stream ended")
+
+    def slow(self) -> None:
+        SLOW_CLOSES.inc()
+
+    # -- liveliness: leaderboard and viewer counts ------------------------------------------
+
+    async def _tick(self, top: TopFn, presence: PresenceFn) -> None:
+        beat = 0
+        while True:
+            await asyncio.sleep(1.0)
+            beat += 1
+            try:
+                for room in list(self.rooms.values()):
+                    if room.top_dirty and room.ready.done():
+                        room.top_dirty = False
+                        board = await top(room.id)
+                        if board != room.last_top:
+                            room.last_top = board
+                            self.push(room, orjson.dumps({"type": "leaderboard", "top": board}))
+                if beat % 2 == 0:
+                    counts = {r.id: r.count() for r in self.rooms.values() if r.ready.done()}
+                    if counts:
+                        totals = await presence(counts)
+                        for room_id, total in totals.items():
+                            room = self.rooms.get(room_id)
+                            if room is not None and total != room.viewers:
+                                room.viewers = total
+                                self.push(room, orjson.dumps({"type": "viewers", "count": total}))
+            except Exception:
+                log.exception("liveliness tick failed")
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

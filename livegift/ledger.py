@@ -1,0 +1,317 @@
+"""Wallets, gifts, streams and payouts: the only code that moves money.
+
+Every money movement is one Lua script call (``livegift/lua/<op>.lua``). Scripts validate
+before their first write and answer domain failures with an error reply whose first word
+is a PROTOCOL code; :func:`_raise` turns those into exceptions, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from importlib import resources
+from typing import Any, cast
+
+import orjson
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from livegift import keys
+from livegift.auth import Receipt, User
+from livegift.catalog import Catalog, Gift
+from livegift.config import Settings
+from livegift.errors import LiveGiftError, NotFound, Unavailable, from_code
+from livegift.money import PayoutSplit
+
+
+@cache
+def script_source(name: str) -> str:
+    lua = resources.files("livegift").joinpath("lua")
+    prelude = lua.joinpath("_prelude.lua").read_text("utf-8")
+    return prelude + "\n" + lua.joinpath(f"{name}.lua").read_text("utf-8")
+
+
+def _raise(exc: redis_errors.RedisError) -> LiveGiftError:
+    """Map a script's error reply or a connection failure to the exception tree."""
+    if isinstance(exc, redis_errors.ResponseError):
+        text = str(exc)
+        code, _, message = text.partition(" ")
+        err = from_code(code, message or None)
+        if type(err) is not LiveGiftError:
+            return err
+        return LiveGiftError(f"data store error: {text}")
+    return Unavailable(f"data store unavailable: {exc.__class__.__name__}")
+
+
+def today() -> str:
+    return datetime.now(UTC).strftime("%Y%m%d")
+
+
+@dataclass(frozen=True, slots=True)
+class GiftOutcome:
+    balance: int
+    seq: int
+    combo: int
+    replay: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Recharge:
+    transaction: dict[str, Any]
+    coins: int
+    diamonds: int
+    replayed: bool
+
+
+class Ledger:
+    def __init__(self, redis: Redis, settings: Settings, catalog: Catalog) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.catalog = catalog
+        self._scripts: dict[str, AsyncScript] = {}
+
+    def _script(self, name: str) -> AsyncScript:
+        script = self._scripts.get(name)
+        if script is None:
+            script = self._scripts[name] = self.redis.register_script(script_source(name))
+        return script
+
+    async def _call(self, name: str, keys_: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._script(name)(keys=keys_, args=args)
+        except redis_errors.RedisError as exc:
+            raise _raise(exc) from None
+
+    # -- wallets -------------------------------------------------------------------------
+
+    async def wallet(self, user: str) -> tuple[int, int]:
+        try:
+            coins, diamonds = await self.redis.hmget(keys.wallet(user), ["coins", "diamonds"])
+        except redis_errors.RedisError as exc:
+            raise _raise(exc) from None
+        return int(coins or 0), int(diamonds or 0)
+
+    async def recharge(self, receipt: Receipt) -> Recharge:
+        result = await self._call(
+            "recharge",
+            [
+                keys.wallet(receipt.sub),
+                keys.txn(receipt.txn),
+                keys.MINTED,
+                keys.LEDGER,
+                keys.account(receipt.sub),
+                keys.ENTRY_SEQ,
+            ],
+            [receipt.sub, receipt.txn, receipt.coins, receipt.amount, receipt.currency,
+             receipt.package, receipt.region],
+        )  # fmt: skip
+        txn, coins, diamonds, replayed = result
+        return Recharge(orjson.loads(txn), int(coins), int(diamonds), bool(replayed))
+
+    # -- gifts ---------------------------------------------------------------------------
+
+    async def gift(
+        self, user: User, room: str, req: str, gift: Gift, count: int, *, adult: bool
+    ) -> GiftOutcome:
+        s = self.settings
+        room_info = await self.room_creator(room)
+        creator = room_info or "-"
+        shout = s.auto_shoutout_template.format(name=user.name, gift=gift.name, count=count)
+        raw = await self._call(
+            "gift",
+            [
+                keys.wallet(user.id),
+                keys.wallet(creator),
+                keys.room(room),
+                keys.gift_req(user.id, req),
+                keys.combo(room, user.id),
+                keys.top(room),
+                keys.history(room),
+                keys.LEDGER,
+                keys.account(user.id),
+                keys.account(creator),
+                keys.rate(user.id),
+                keys.spend(user.id, today()),
+                keys.name(user.id),
+                keys.ENTRY_SEQ,
+            ],
+            [
+                user.id, user.name, "1" if adult else "0", room, req,
+                gift.id, gift.name, gift.coins, "1" if gift.streakable else "0", count,
+                s.gift_rate, s.gift_burst, s.daily_spend_cap,
+                s.auto_shoutout_coins, shout[:200], s.combo_window_ms,
+                s.history_len, s.history_seconds * 1000, keys.channel(room),
+            ],
+        )  # fmt: skip
+        data = orjson.loads(raw)
+        return GiftOutcome(data["balance"], data["seq"], data["combo"], data["replay"])
+
+    # -- streams -------------------------------------------------------------------------
+
+    async def start_stream(self, creator: User, title: str) -> tuple[str, bool]:
+        room = secrets.token_urlsafe(6).replace("-", "x").replace("_", "y")
+        return await self.start_stream_as(creator, title, room)
+
+    async def start_stream_as(self, creator: User, title: str, room: str) -> tuple[str, bool]:
+        result = await self._call(
+            "stream_start",
+            [keys.room(room), keys.creator_live(creator.id)],
+            [room, creator.id, creator.name, title],
+        )
+        room_id, created = result
+        return room_id.decode() if isinstance(room_id, bytes) else str(room_id), bool(created)
+
+    async def end_stream(self, caller: User, room: str) -> int:
+        creator = await self.room_creator(room)
+        seq = await self._call(
+            "stream_end",
+            [keys.room(room), keys.creator_live(creator or caller.id), keys.history(room)],
+            [caller.id, keys.channel(room), self.settings.history_len,
+             self.settings.history_seconds * 1000],
+        )  # fmt: skip
+        return int(seq)
+
+    async def shoutout(self, caller: User, room: str, to: str, text: str) -> int:
+        seq = await self._call(
+            "shoutout",
+            [keys.room(room), keys.history(room), keys.name(to)],
+            [caller.id, to, text, keys.channel(room), self.settings.history_len,
+             self.settings.history_seconds * 1000],
+        )  # fmt: skip
+        return int(seq)
+
+    async def room_creator(self, room: str) -> str | None:
+        try:
+            creator = await self.redis.hget(keys.room(room), "creator")
+        except redis_errors.RedisError as exc:
+            raise _raise(exc) from None
+        return creator.decode() if creator else None
+
+    async def room(self, room: str) -> dict[str, str]:
+        try:
+            raw = await self.redis.hgetall(keys.room(room))
+        except redis_errors.RedisError as exc:
+            raise _raise(exc) from None
+        if not raw:
+            raise NotFound(f"no stream {room!r}")
+        return {k.decode(): v.decode() for k, v in cast(dict[bytes, bytes], raw).items()}
+
+    async def top(self, room: str, n: int = 10) -> list[tuple[str, str, int]]:
+        """The top gifters of a room: (user id, display name, coins)."""
+        try:
+            rows = await self.redis.zrevrange(keys.top(room), 0, n - 1, withscores=True)
+            ids = [member.decode() for member, _ in rows]
+            names = await self.redis.mget([keys.name(u) for u in ids]) if ids else []
+        except redis_errors.RedisError as exc:
+            raise _raise(exc) from None
+        return [
+            (uid, (nm.decode() if nm else uid), int(score))
+            for uid, nm, (_, score) in zip(ids, names, rows, strict=True)
+        ]
+
+    # -- ledger reads --------------------------------------------------------------------
+
+    async def transactions(
+        self, user: str, limit: int, cursor: int | None
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """The account's entries, newest first; pass the returned cursor for older ones."""
+        top = f"({cursor}" if cursor is not None else "+inf"
+        try:
+            rows = await self.redis.zrevrangebyscore(
+                keys.account(user), top, "-inf", start=0, num=limit, withscores=True
+            )
+            entries = await _entries(self.redis, [sid for sid, _ in rows])
+        except redis_errors.RedisError as exc:
+            raise _raise(exc) from None
+        next_cursor = int(rows[-1][1]) if len(rows) == limit else None
+        return entries, next_cursor
+
+    # -- payouts -------------------------------------------------------------------------
+
+    async def create_payout(
+        self, user: User, payout_id: str, split: PayoutSplit, fingerprint: str, key: str
+    ) -> tuple[dict[str, Any], bool]:
+        s = self.settings
+        day = today()
+        result = await self._call(
+            "payout_create",
+            [
+                keys.wallet(user.id), keys.payout(payout_id), keys.payouts(user.id),
+                keys.payout_idem(user.id, key), keys.payout_cap(user.id, day), keys.HELD,
+                keys.LEDGER, keys.account(user.id), keys.ENTRY_SEQ,
+            ],
+            [
+                user.id, payout_id, split.gross, split.net, split.commission,
+                s.payout_min_diamonds, s.payout_daily_cap_cents, fingerprint, day, 2 * 86400,
+            ],
+        )  # fmt: skip
+        payout, replayed = result
+        return orjson.loads(payout), bool(replayed)
+
+    async def settle_payout(self, payout_id: str, outcome: str) -> dict[str, Any]:
+        if outcome not in ("paid", "failed"):
+            raise ValueError("outcome must be paid or failed")
+        try:
+            user_raw, day_raw = await self.redis.hmget(keys.payout(payout_id), ["user", "day"])
+        except redis_errors.RedisError as exc:
+            raise _raise(exc) from None
+        if user_raw is None:
+            raise NotFound(f"no payout {payout_id!r}")
+        user, day = user_raw.decode(), day_raw.decode()
+        raw = await self._call(
+            "payout_settle",
+            [
+                keys.payout(payout_id), keys.wallet(user), keys.HELD, keys.LEDGER,
+                keys.account(user), keys.ENTRY_SEQ, keys.payout_cap(user, day),
+            ],
+            [outcome, user],
+        )  # fmt: skip
+        return dict(orjson.loads(raw))
+
+    async def payouts(self, user: str, limit: int = 200) -> list[dict[str, Any]]:
+        try:
+            ids = await self.redis.zrevrange(keys.payouts(user), 0, limit - 1)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for pid in ids:
+                    pipe.hget(keys.payout(pid.decode()), "json")
+                rows = await pipe.execute()
+        except redis_errors.RedisError as exc:
+            raise _raise(exc) from None
+        return [orjson.loads(row) for row in rows if row]
+
+    async def remember_name(self, user: User) -> None:
+        try:
+            await self.redis.set(keys.name(user.id), user.name)
+        except redis_errors.RedisError as exc:
+            raise _raise(exc) from None
+
+
+async def _entries(redis: Redis, sids: list[bytes]) -> list[dict[str, Any]]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for sid in sids:
+            pipe.xrange(keys.LEDGER, sid, sid)
+        rows = await pipe.execute()
+    out = []
+    for row in rows:
+        if not row:
+            continue
+        sid, fields = row[0]
+        f = {k.decode(): v.decode() for k, v in fields.items()}
+        out.append(
+            {
+                "id": int(f["id"]),
+                "ts": int(f["ts"]),
+                "kind": f["kind"],
+                "account": f["account"],
+                "asset": f["asset"],
+                "amount": int(f["amount"]),
+                "balance": int(f["balance"]),
+                "counterparty": f["counterparty"],
+                "reference": f["ref"],
+                "room": f["room"] or None,
+            }
+        )
+    return out

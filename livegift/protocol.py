@@ -1,0 +1,138 @@
+"""Wire types and codecs (PROTOCOL §4). No I/O: bytes in, values out, and back.
+
+A server frame carries one event or an array of events. Codecs encode once; the hub hands
+the same pre-framed bytes to every member that speaks that codec.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+import orjson
+
+from livegift.errors import BadRequest
+
+MAX_FRAME: Final = 4096
+REQ = re.compile(r"^[\x21-\x7e]{1,64}$")
+USER_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Codec:
+    name: str
+    binary: bool
+
+    def encode(self, value: Any) -> bytes:
+        if self.binary:
+            return msgpack.packb(value, use_bin_type=True)
+        return orjson.dumps(value)
+
+    def decode(self, data: bytes | str) -> Any:
+        if self.binary:
+            if isinstance(data, str):
+                raise BadRequest("this connection speaks livegift.msgpack: send binary frames")
+            return msgpack.unpackb(data, raw=False, strict_map_key=True)
+        return orjson.loads(data)
+
+    def frame(self, payload: bytes) -> bytes:
+        """A complete unmasked server WebSocket frame (RFC 6455 §5.2) holding payload."""
+        return ws_frame(payload, 0x2 if self.binary else 0x1)
+
+
+JSON: Final = Codec("livegift.json", binary=False)
+MSGPACK: Final = Codec("livegift.msgpack", binary=True)
+CODECS: Final = {JSON.name: JSON, MSGPACK.name: MSGPACK}
+
+
+def choose_codec(offered: list[str]) -> Codec | None:
+    """The codec for the client's Sec-WebSocket-Protocol list: first known one, else JSON.
+
+    Returns None when the client offered subprotocols and none of them is ours.
+    """
+    if not offered:
+        return JSON
+    for name in offered:
+        if name in CODECS:
+            return CODECS[name]
+    return None
+
+
+def ws_frame(payload: bytes, opcode: int) -> bytes:
+    n = len(payload)
+    first = 0x80 | opcode
+    if n < 126:
+        return struct.pack("!BB", first, n) + payload
+    if n < 1 << 16:
+        return struct.pack("!BBH", first, 126, n) + payload
+    return struct.pack("!BBQ", first, 127, n) + payload
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    return ws_frame(struct.pack("!H", code) + reason.encode()[:120], 0x8)
+
+
+@dataclass(frozen=True, slots=True)
+class GiftOp:
+    req: str
+    gift: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShoutoutOp:
+    req: str
+    to: str
+    text: str
+
+
+Op = GiftOp | ShoutoutOp
+
+
+def read_req(message: Any) -> str | None:
+    """The message's req when it is a valid one, so a bad_request ack can carry it."""
+    if isinstance(message, dict):
+        req = message.get("req")
+        if isinstance(req, str) and REQ.match(req):
+            return req
+    return None
+
+
+def parse_op(message: Any) -> Op:
+    """Validate a decoded client message into an op, or raise BadRequest."""
+    if not isinstance(message, dict):
+        raise BadRequest("an op must be an object")
+    req = message.get("req")
+    if not isinstance(req, str) or not REQ.match(req):
+        raise BadRequest("req must be 1-64 printable ASCII characters")
+    op = message.get("op")
+    if op == "gift":
+        gift = message.get("gift")
+        count = message.get("count", 1)
+        if not isinstance(gift, str) or not 1 <= len(gift) <= 64:
+            raise BadRequest("gift must be a gift id")
+        if type(count) is not int or not 1 <= count <= 99:
+            raise BadRequest("count must be an integer from 1 to 99")
+        return GiftOp(req, gift, count)
+    if op == "shoutout":
+        to, text = message.get("to"), message.get("text")
+        if not isinstance(to, str) or not USER_ID.match(to):
+            raise BadRequest("to must be a user id")
+        if not isinstance(text, str) or not 1 <= len(text) <= 200:
+            raise BadRequest("text must be 1-200 characters")
+        return ShoutoutOp(req, to, text)
+    raise BadRequest(f"unknown op {op!r}; ops are 'gift' and 'shoutout'")
+
+
+def ack_ok(req: str, **fields: Any) -> dict[str, Any]:
+    return {"type": "ack", "req": req, "ok": True, **fields}
+
+
+def ack_error(req: str | None, code: str, message: str) -> dict[str, Any]:
+    ack: dict[str, Any] = {"type": "ack", "ok": False, "error": {"code": code, "message": message}}
+    if req is not None:
+        ack["req"] = req
+    return ack

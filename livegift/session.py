@@ -1,0 +1,81 @@
+"""One connection's state and ops: who is connected, to which room, and what they ask.
+
+No sockets here: the endpoint hands in decoded frames and writes back the ack this
+returns. Each op maps failures to a PROTOCOL code through the exception tree.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from livegift.auth import User
+from livegift.catalog import Catalog
+from livegift.errors import BadRequest, Forbidden, LiveGiftError
+from livegift.ledger import Ledger
+from livegift.metrics import BAD_FRAMES, GIFTS
+from livegift.protocol import Codec, GiftOp, ShoutoutOp, ack_error, ack_ok, parse_op, read_req
+
+log = logging.getLogger("livegift.session")
+
+
+class Session:
+    def __init__(
+        self, user: User, room: str, codec: Codec, ledger: Ledger, catalog: Catalog,
+        max_bad_frames: int,
+    ) -> None:  # fmt: skip
+        self.user = user
+        self.room = room
+        self.codec = codec
+        self.ledger = ledger
+        self.catalog = catalog
+        self.bad_frames = 0
+        self.max_bad_frames = max_bad_frames
+
+    @property
+    def too_many_bad_frames(self) -> bool:
+        return self.bad_frames >= self.max_bad_frames
+
+    async def handle(self, data: bytes | str) -> dict[str, Any]:
+        """The ack for one client frame. Never raises for anything the client sent."""
+        req: str | None = None
+        try:
+            try:
+                message = self.codec.decode(data)
+            except BadRequest:
+                raise
+            except Exception:
+                raise BadRequest("frame is not valid " + self.codec.name) from None
+            req = read_req(message)
+            op = parse_op(message)
+            if isinstance(op, GiftOp):
+                return await self._gift(op)
+            return await self._shoutout(op)
+        except LiveGiftError as exc:
+            if isinstance(exc, BadRequest):
+                self.bad_frames += 1
+                BAD_FRAMES.inc()
+            return ack_error(req, exc.code, exc.message)
+        except Exception:
+            log.exception("op failed")
+            return ack_error(req, "internal", "internal server error")
+
+    async def _gift(self, op: GiftOp) -> dict[str, Any]:
+        try:
+            gift = self.catalog.gift(op.gift)
+            outcome = await self.ledger.gift(
+                self.user, self.room, op.req, gift, op.count, adult=self.user.is_adult()
+            )
+        except LiveGiftError as exc:
+            GIFTS.labels(exc.code).inc()
+            raise
+        GIFTS.labels("replay" if outcome.replay else "ok").inc()
+        return ack_ok(op.req, balance=outcome.balance, seq=outcome.seq, combo=outcome.combo)
+
+    async def _shoutout(self, op: ShoutoutOp) -> dict[str, Any]:
+        creator = await self.ledger.room_creator(self.room)
+        if creator != self.user.id:
+            raise Forbidden("only the stream's creator can give shout-outs")
+        seq = await self.ledger.shoutout(self.user, self.room, op.to, op.text)
+        return ack_ok(op.req, seq=seq)
+

@@ -1,0 +1,728 @@
+/*
+ * livegift.js: the small browser client shared by the studio, overlay and watch pages.
+ *
+ * Speaks the wire contract in PROTOCOL.md: HTTP with "Authorization: Bearer <token>",
+ * and the room WebSocket /ws/{room}?token=...&since=<seq> with subprotocol "livegift.json".
+ *
+ *  - reconnects by itself with exponential backoff and jitter;
+ *  - resumes with since = the last durable seq it saw, so no event is lost across a reconnect;
+ *  - drops durable events it has already seen (seq <= last seen), so none is shown twice;
+ *  - accepts a frame holding one event object or an array of events;
+ *  - matches acks to ops by "req"; a gift op that was sent but not acked when the socket
+ *    dropped is sent again with the same req after the reconnect (the server charges a
+ *    gift req once), so a tap is never lost and never charged twice.
+ *
+ * No dependencies, no build step. Exposes window.LiveGift.
+ */
+(function (global) {
+  "use strict";
+
+  var DURABLE = { gift: true, shoutout: true, stream_ended: true };
+  // Close codes after which reconnecting cannot help.
+  var FINAL_CLOSE = { 4401: "unauthorized", 4403: "forbidden", 4404: "not_found" };
+  var BACKOFF_MIN_MS = 500;
+  var BACKOFF_MAX_MS = 10000;
+  var WELCOME_TIMEOUT_MS = 10000;
+  var REQUEST_TIMEOUT_MS = 15000;
+
+  // ---------------------------------------------------------------- helpers
+
+  /** Room (last path segment), token and the other query parameters of this page. */
+  function context() {
+    var parts = location.pathname.split("/").filter(Boolean);
+    var room = "";
+    try { room = decodeURIComponent(parts[parts.length - 1] || ""); } catch (e) { room = ""; }
+    var params = new URLSearchParams(location.search);
+    return { room: room, token: params.get("token") || "", params: params };
+  }
+
+  /** A fresh client request id (1-64 chars). */
+  function newReq() {
+    if (global.crypto && typeof global.crypto.randomUUID === "function") {
+      return global.crypto.randomUUID();
+    }
+    var bytes = new Uint8Array(16);
+    if (global.crypto && global.crypto.getRandomValues) {
+      global.crypto.getRandomValues(bytes);
+    } else {
+      for (var i = 0; i < 16; i++) bytes[i] = Math.floor(Math.random() * 256);
+    }
+    return Array.prototype.map.call(bytes, function (b) {
+      return (b < 16 ? "0" : "") + b.toString(16);
+    }).join("");
+  }
+
+  /**
+   * Build an element. Strings and numbers among the children become text nodes, so user
+   * data is never parsed as HTML. attrs: {class, text, testid, dataset:{}, on:{event:fn},
+   * hidden, disabled, ...any other attribute}.
+   */
+  function el(tag, attrs) {
+    var node = document.createElement(tag);
+    attrs = attrs || {};
+    Object.keys(attrs).forEach(function (key) {
+      var value = attrs[key];
+      if (value === undefined || value === null || value === false) return;
+      if (key === "class") node.className = value;
+      else if (key === "text") node.textContent = String(value);
+      else if (key === "testid") node.setAttribute("data-testid", value);
+      else if (key === "dataset") Object.keys(value).forEach(function (k) { node.dataset[k] = value[k]; });
+      else if (key === "on") Object.keys(value).forEach(function (k) { node.addEventListener(k, value[k]); });
+      else if (key === "style") node.setAttribute("style", value);
+      else if (value === true) node.setAttribute(key, "");
+      else node.setAttribute(key, String(value));
+    });
+    for (var i = 2; i < arguments.length; i++) append(node, arguments[i]);
+    return node;
+  }
+
+  function append(node, child) {
+    if (child === undefined || child === null || child === false) return;
+    if (Array.isArray(child)) { child.forEach(function (c) { append(node, c); }); return; }
+    if (typeof child === "string" || typeof child === "number") {
+      node.appendChild(document.createTextNode(String(child)));
+    } else {
+      node.appendChild(child);
+    }
+  }
+
+  var numberFormat = new Intl.NumberFormat("en-US");
+  function fmt(n) { return numberFormat.format(Number(n) || 0); }
+
+  function clampInt(value, fallback, min, max) {
+    var n = parseInt(value, 10);
+    if (!isFinite(n)) return fallback;
+    if (min !== undefined && n < min) n = min;
+    if (max !== undefined && n > max) n = max;
+    return n;
+  }
+
+  /** Value tier (1-based) of an amount of coins for thresholds like [100, 1000, 10000]. */
+  function tierOf(coins, thresholds) {
+    var tier = 1;
+    for (var i = 0; i < thresholds.length; i++) if (coins >= thresholds[i]) tier = i + 2;
+    return tier;
+  }
+
+  /** Parse "?tiers=100,1000,10000" into sorted positive integers (the default when bad). */
+  function parseTiers(raw) {
+    var fallback = [100, 1000, 10000];
+    if (!raw) return fallback;
+    var list = String(raw).split(",").map(function (s) { return parseInt(s.trim(), 10); })
+      .filter(function (n) { return isFinite(n) && n > 0; });
+    list.sort(function (a, b) { return a - b; });
+    return list.length ? list.slice(0, 6) : fallback;
+  }
+
+  var GIFT_ICONS = {
+    rose: "\u{1F339}", finger_heart: "\u{1FAF0}", ice_cream: "\u{1F366}", donut: "\u{1F369}",
+    perfume: "\u{1F9F4}", hand_hearts: "\u{1FAF6}", corgi: "\u{1F436}", galaxy: "\u{1F30C}",
+    sports_car: "\u{1F3CE}\uFE0F", lion: "\u{1F981}", universe: "\u{1FA90}"
+  };
+  function giftIcon(id) { return GIFT_ICONS[id] || "\u{1F381}"; }
+
+  /** First letter of a display name, for avatars. */
+  function initial(name) {
+    var s = String(name || "?").trim();
+    return s ? Array.from(s)[0].toUpperCase() : "?";
+  }
+
+  /** A stable hue (0-359) for a user id, so a gifter keeps the same avatar colour. */
+  function hueOf(id) {
+    var h = 0, s = String(id || "");
+    for (var i = 0; i < s.length; i++) h = (h * 31 + s.charCodeAt(i)) % 360;
+    return h;
+  }
+
+  // ---------------------------------------------------------------- errors
+
+  var ERROR_TEXT = {
+    not_adult: "You must be 18 or older to send gifts.",
+    insufficient_funds: "Not enough coins for that gift. Recharge to keep gifting.",
+    stream_not_live: "This stream has ended, so gifts can't be sent any more.",
+    self_gift: "You can't send gifts to your own stream.",
+    rate_limited: "You're sending gifts too fast. Wait a moment and try again.",
+    unknown_gift: "That gift isn't available any more. Pick another one.",
+    bad_request: "That request wasn't valid. Please try again.",
+    idempotency_conflict: "That request clashed with an earlier one. Please try again.",
+    unauthorized: "Your sign-in link has expired or is invalid. Open a fresh link.",
+    forbidden: "You're not allowed to do that here.",
+    not_found: "This stream doesn't exist or has ended.",
+    unknown_package: "That coin package isn't sold in your region.",
+    invalid_receipt: "The purchase couldn't be verified. You were not charged twice; try again.",
+    price_mismatch: "The purchase price didn't match the price list. Please try again.",
+    unavailable: "The service is busy right now. Please try again in a moment.",
+    internal: "Something went wrong on our side. Please try again.",
+    network: "Can't reach the server. Check your connection.",
+    timeout: "No answer from the server yet. Check the feed before trying again.",
+    connection_lost: "The connection dropped before the server answered. Check the feed before trying again.",
+    dev_receipts_disabled: "Recharging from this page only works on a development server."
+  };
+  var CONTEXT_TEXT = {
+    recharge: { not_adult: "You must be 18 or older to buy coins." },
+    shoutout: { forbidden: "Only the stream's creator can send shout-outs.",
+                stream_not_live: "The stream has ended, so shout-outs can't be sent." },
+    end: { forbidden: "Only the stream's creator can end it." }
+  };
+
+  /** A clear human message for an error code (PROTOCOL.md §6), optionally for a context. */
+  function errorText(code, fallback, where) {
+    var specific = where && CONTEXT_TEXT[where] && CONTEXT_TEXT[where][code];
+    return specific || ERROR_TEXT[code] || fallback || "Something went wrong. Please try again.";
+  }
+
+  function ApiError(code, message, status) {
+    this.name = "ApiError";
+    this.code = code;
+    this.message = message;
+    this.status = status || 0;
+  }
+  ApiError.prototype = Object.create(Error.prototype);
+
+  function codeForStatus(status) {
+    return { 400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+      409: "idempotency_conflict", 429: "rate_limited", 503: "unavailable" }[status] || "internal";
+  }
+
+  /** JSON over HTTP. Resolves with the body; rejects with an ApiError {code, message, status}. */
+  function api(method, path, body, token) {
+    var headers = { Accept: "application/json" };
+    if (token) headers.Authorization = "Bearer " + token;
+    var init = { method: method, headers: headers, cache: "no-store" };
+    if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    return fetch(path, init).then(function (res) {
+      return res.text().then(function (text) {
+        var data = null;
+        if (text) { try { data = JSON.parse(text); } catch (e) { data = null; } }
+        if (!res.ok) {
+          var err = (data && data.error) || {};
+          throw new ApiError(err.code || codeForStatus(res.status), err.message || res.statusText, res.status);
+        }
+        return data;
+      });
+    }, function () {
+      throw new ApiError("network", ERROR_TEXT.network, 0);
+    });
+  }
+
+  // ---------------------------------------------------------------- WebSocket client
+
+  /**
+   * connect({room, token, since, onEvent(ev), onStatus(state, detail)}) -> Client
+   *
+   * states: "connecting", "live", "reconnecting" (detail: {delay}), "ended",
+   *         "unauthorized", "forbidden", "not_found", "closed".
+   */
+  function Client(opts) {
+    this.room = opts.room;
+    this.token = opts.token;
+    this.onEvent = opts.onEvent || function () {};
+    this.onStatus = opts.onStatus || function () {};
+    this.lastSeq = (opts.since === undefined || opts.since === null) ? null : Number(opts.since);
+    this.state = "idle";
+    this.ws = null;
+    this.welcomed = false;
+    this.stopped = false;
+    this.ended = false;
+    this.attempt = 0;
+    this.failuresBeforeWelcome = 0;
+    this.holdUntil = 0;
+    this.timer = null;
+    this.welcomeTimer = null;
+    this.pending = new Map();   // req -> {op, resolve, reject, timer, sent}
+    this.stats = { connects: 0, duplicates: 0, gaps: 0, frames: 0 };
+  }
+
+  Client.prototype.start = function () { this._open(); return this; };
+
+  Client.prototype._setState = function (state, detail) {
+    this.state = state;
+    try { this.onStatus(state, detail || {}); } catch (e) { reportError(e); }
+  };
+
+  Client.prototype._url = function () {
+    var proto = location.protocol === "https:" ? "wss:" : "ws:";
+    var q = new URLSearchParams();
+    q.set("token", this.token);
+    if (this.lastSeq !== null) q.set("since", String(this.lastSeq));
+    return proto + "//" + location.host + "/ws/" + encodeURIComponent(this.room) + "?" + q.toString();
+  };
+
+  Client.prototype._open = function () {
+    var self = this;
+    if (this.stopped) return;
+    this.timer = null;
+    this._setState(this.stats.connects ? "reconnecting" : "connecting", { attempt: this.attempt });
+    var ws;
+    try {
+      ws = new WebSocket(this._url(), "livegift.json");
+    } catch (e) {
+      this._scheduleReconnect(null);
+      return;
+    }
+    this.ws = ws;
+    this.welcomed = false;
+    ws.onmessage = function (m) { if (ws === self.ws) self._onFrame(m.data); };
+    ws.onclose = function (e) { self._onClose(ws, e); };
+    ws.onerror = function () { /* a close event always follows */ };
+    clearTimeout(this.welcomeTimer);
+    this.welcomeTimer = setTimeout(function () {
+      if (ws === self.ws && !self.welcomed) { try { ws.close(4000, "no welcome"); } catch (e) { /* */ } }
+    }, WELCOME_TIMEOUT_MS);
+  };
+
+  Client.prototype._onFrame = function (data) {
+    if (typeof data !== "string") return;   // livegift.json only sends text frames
+    var parsed;
+    try { parsed = JSON.parse(data); } catch (e) { return; }
+    this.stats.frames++;
+    var events = Array.isArray(parsed) ? parsed : [parsed];
+    for (var i = 0; i < events.length; i++) {
+      var ev = events[i];
+      if (ev && typeof ev === "object") this._onEvent(ev);
+    }
+  };
+
+  Client.prototype._onEvent = function (ev) {
+    if (ev.type === "welcome") {
+      this.welcomed = true;
+      clearTimeout(this.welcomeTimer);
+      this.attempt = 0;
+      this.failuresBeforeWelcome = 0;
+      this.stats.connects++;
+      // On a first join nothing is replayed: start after the room's latest seq. On a
+      // resume keep our own lastSeq: the replay of what we missed follows this welcome.
+      if (this.lastSeq === null && typeof ev.seq === "number") this.lastSeq = ev.seq;
+      this._setState("live", { welcome: ev });
+      this._emit(ev);
+      this._flushPending();
+      return;
+    }
+    if (DURABLE[ev.type] && typeof ev.seq === "number") {
+      if (this.lastSeq !== null && ev.seq <= this.lastSeq) {
+        this.stats.duplicates++;
+        return;                                   // already seen: drop
+      }
+      if (this.lastSeq !== null && ev.seq > this.lastSeq + 1) this.stats.gaps++;
+      this.lastSeq = ev.seq;
+      if (ev.type === "stream_ended") this.ended = true;
+    }
+    if (ev.type === "ack" && ev.req !== undefined) {
+      var p = this.pending.get(ev.req);
+      if (p) {
+        this.pending.delete(ev.req);
+        clearTimeout(p.timer);
+        if (ev.ok) p.resolve(ev);
+        else {
+          var err = ev.error || {};
+          p.reject(new ApiError(err.code || "internal", err.message || "", 0));
+        }
+      }
+    }
+    this._emit(ev);
+    if (ev.type === "stream_ended") this._finish("ended");
+  };
+
+  Client.prototype._emit = function (ev) {
+    try { this.onEvent(ev); } catch (e) { reportError(e); }
+  };
+
+  Client.prototype._onClose = function (ws, e) {
+    if (ws !== this.ws) return;
+    this.ws = null;
+    clearTimeout(this.welcomeTimer);
+    if (this.stopped) return;
+    if (this.ended) { this._finish("ended"); return; }
+    if (FINAL_CLOSE[e.code]) { this._finish(FINAL_CLOSE[e.code]); return; }
+    this._failUnsafePending();
+    if (!this.welcomed) {
+      this.failuresBeforeWelcome++;
+      // A refused handshake (401/403/404 before upgrading) shows up in browsers as a bare
+      // 1006, so after a couple of failures ask the HTTP API whether retrying can help.
+      if (this.failuresBeforeWelcome >= 2) this._probe();
+    }
+    this._scheduleReconnect(e.code);
+  };
+
+  Client.prototype._probe = function () {
+    var self = this;
+    api("GET", "/api/wallet", undefined, this.token).catch(function (err) {
+      if (err.code === "unauthorized" && !self.stopped) self._finish("unauthorized");
+    });
+    api("GET", "/api/streams/" + encodeURIComponent(this.room)).then(function (s) {
+      if (s && s.live === false && !self.stopped) { self.ended = true; self._finish("ended"); }
+    }, function (err) {
+      if (err.code === "not_found" && !self.stopped) self._finish("not_found");
+    });
+  };
+
+  Client.prototype._scheduleReconnect = function (code) {
+    var self = this;
+    if (this.stopped || this.timer) return;
+    var base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * Math.pow(2, this.attempt));
+    var delay = Math.round(base * (0.5 + Math.random() * 0.5));
+    if (code === 4008 && this.attempt === 0) delay = 100;        // too slow: come straight back
+    if (code === 1013) delay = Math.max(delay, 1000);           // try again later
+    delay = Math.max(delay, this.holdUntil - Date.now());
+    this.attempt++;
+    this._setState("reconnecting", { delay: delay, code: code });
+    this.timer = setTimeout(function () { self._open(); }, delay);
+  };
+
+  /** Stop for good (the stream ended, or the token/room can never work). */
+  Client.prototype._finish = function (state) {
+    if (this.stopped) return;
+    this.stopped = true;
+    clearTimeout(this.timer);
+    clearTimeout(this.welcomeTimer);
+    var code = state === "ended" ? "stream_not_live" : state;
+    this.pending.forEach(function (p) {
+      clearTimeout(p.timer);
+      p.reject(new ApiError(code, errorText(code), 0));
+    });
+    this.pending.clear();
+    if (this.ws) { try { this.ws.close(1000); } catch (e) { /* */ } this.ws = null; }
+    this._setState(state);
+  };
+
+  /** Close the connection and stop reconnecting. */
+  Client.prototype.close = function () { this._finish("closed"); };
+
+  /**
+   * Test and debug hook: drop the socket as a network failure would and stay away for
+   * at least holdMs before reconnecting (the client then resumes with since).
+   */
+  Client.prototype.drop = function (holdMs) {
+    this.holdUntil = Date.now() + (holdMs || 0);
+    if (this.ws) { try { this.ws.close(4000, "dropped"); } catch (e) { /* */ } }
+  };
+
+  /**
+   * Send an op and wait for its ack. Resolves with the ack (ok: true); rejects with an
+   * ApiError carrying the ack's error code. While disconnected the op waits and is sent
+   * after the next welcome.
+   */
+  Client.prototype.request = function (op) {
+    var self = this;
+    if (!op.req) op.req = newReq();
+    if (this.stopped) {
+      var code = this.ended ? "stream_not_live" : (this.state === "closed" ? "connection_lost" : this.state);
+      return Promise.reject(new ApiError(code, errorText(code), 0));
+    }
+    return new Promise(function (resolve, reject) {
+      var entry = { op: op, resolve: resolve, reject: reject, sent: false, timer: null };
+      entry.timer = setTimeout(function () {
+        if (self.pending.get(op.req) === entry) {
+          self.pending.delete(op.req);
+          reject(new ApiError("timeout", ERROR_TEXT.timeout, 0));
+        }
+      }, REQUEST_TIMEOUT_MS);
+      self.pending.set(op.req, entry);
+      self._send(entry);
+    });
+  };
+
+  Client.prototype._send = function (entry) {
+    if (!this.ws || !this.welcomed || this.ws.readyState !== WebSocket.OPEN) return;
+    try {
+      this.ws.send(JSON.stringify(entry.op));
+      entry.sent = true;
+    } catch (e) { /* sent again after the reconnect */ }
+  };
+
+  Client.prototype._flushPending = function () {
+    var self = this;
+    this.pending.forEach(function (entry) { self._send(entry); });
+  };
+
+  /**
+   * On a drop, ops that were sent but not answered: a gift is safe to send again with the
+   * same req (charged once); anything else might run twice, so it fails instead.
+   */
+  Client.prototype._failUnsafePending = function () {
+    var self = this;
+    this.pending.forEach(function (entry, req) {
+      if (entry.sent && entry.op.op !== "gift") {
+        clearTimeout(entry.timer);
+        self.pending.delete(req);
+        entry.reject(new ApiError("connection_lost", ERROR_TEXT.connection_lost, 0));
+      }
+    });
+  };
+
+  function reportError(e) {
+    if (global.console && console.error) console.error(e);
+  }
+
+  var clients = [];
+  function connect(opts) {
+    var client = new Client(opts);
+    clients.push(client);
+    return client.start();
+  }
+
+  // ---------------------------------------------------------------- status pill
+
+  var STATUS_TEXT = {
+    idle: "Starting", connecting: "Connecting", live: "Live", reconnecting: "Reconnecting",
+    ended: "Stream ended", unauthorized: "Link expired", forbidden: "Not allowed",
+    not_found: "Stream not found", closed: "Disconnected"
+  };
+
+  /** Render a connection state into a status element (data-state + readable text). */
+  function showStatus(node, state, detail) {
+    if (!node) return;
+    node.dataset.state = state;
+    var text = STATUS_TEXT[state] || state;
+    if (state === "reconnecting" && detail && detail.delay) {
+      text += " in " + Math.max(1, Math.round(detail.delay / 1000)) + "s";
+    }
+    node.textContent = text;
+    node.setAttribute("title", "Connection: " + text);
+  }
+
+  /** Show a message in an aria-live region; kind: "info" | "success" | "error". */
+  function showMessage(node, text, kind, ttlMs) {
+    if (!node) return;
+    clearTimeout(node._lgTimer);
+    node.textContent = text || "";
+    node.dataset.kind = kind || "info";
+    node.hidden = !text;
+    if (text && ttlMs) {
+      node._lgTimer = setTimeout(function () { node.hidden = true; node.textContent = ""; }, ttlMs);
+    }
+  }
+
+  // ---------------------------------------------------------------- room totals
+
+  /**
+   * Running totals of a room = the HTTP snapshot (GET /api/streams/{room}) + the gift events
+   * after it. Gifts that arrive before the snapshot are buffered; when the snapshot has a
+   * "seq" only the events after it are added, else the ones after the first welcome's seq.
+   */
+  function Totals(onChange) {
+    this.onChange = onChange || function () {};
+    this.snapshot = null;
+    this.baseSeq = null;
+    this.buffer = [];
+    this.coins = 0;
+    this.diamonds = 0;
+    this.gifts = 0;
+  }
+  Totals.prototype.addGift = function (ev) {
+    var coins = Number(ev.coins) || 0;
+    if (!this.snapshot) {
+      this.buffer.push({ seq: ev.seq, coins: coins });
+      if (this.buffer.length > 5000) this.buffer.shift();
+    } else if (this.baseSeq !== null && typeof ev.seq === "number" && ev.seq <= this.baseSeq) {
+      return;                                     // already counted in the snapshot
+    }
+    this.coins += coins;
+    this.diamonds += coins;                       // 1 diamond per coin received
+    this.gifts += 1;
+    this.onChange(this);
+  };
+  Totals.prototype.applySnapshot = function (s, welcomeSeq) {
+    var base = typeof s.seq === "number" ? s.seq : (typeof welcomeSeq === "number" ? welcomeSeq : null);
+    var received = Number(s.coins_received) || 0;
+    var self = this;
+    this.snapshot = s;
+    this.baseSeq = base;
+    this.coins = received;
+    this.diamonds = typeof s.diamonds === "number" ? s.diamonds : received;
+    this.gifts = typeof s.gifts === "number" ? s.gifts : 0;
+    this.buffer.forEach(function (g) {
+      if (base === null || typeof g.seq !== "number" || g.seq > base) {
+        self.coins += g.coins;
+        self.diamonds += g.coins;
+        self.gifts += 1;
+      }
+    });
+    this.buffer = [];
+    this.onChange(this);
+  };
+
+  // ---------------------------------------------------------------- gift feed
+
+  var STREAK_WINDOW_MS = 6000;   // the server's is 5 s; allow for delivery jitter
+
+  /** True when a gift event continues a streak whose latest combo was prevCombo. */
+  function continuesStreak(prev, ev) {
+    if (!prev) return false;
+    var count = Number(ev.count) || 1;
+    var combo = Number(ev.combo) || count;
+    if (combo <= prev.combo || combo - count < 1) return false;
+    if (typeof ev.ts === "number" && typeof prev.ts === "number" && ev.ts - prev.ts > STREAK_WINDOW_MS) return false;
+    return true;
+  }
+
+  function streakKey(ev) {
+    return String((ev.from && ev.from.id) || "") + "\u0000" + String((ev.gift && ev.gift.id) || "");
+  }
+
+  /** Show a number counting up from `from` to `to` in place (at most ~400 ms). */
+  function countUp(node, from, to, prefix) {
+    prefix = prefix || "";
+    clearInterval(node._lgCount);
+    var steps = Math.max(1, to - from);
+    var stepMs = Math.max(16, Math.min(80, Math.floor(400 / steps)));
+    var jump = Math.max(1, Math.ceil(steps / (400 / stepMs)));
+    var value = from;
+    node.classList.remove("bump");
+    void node.offsetWidth;                        // restart the bump animation
+    node.classList.add("bump");
+    if (to <= from || (global.matchMedia && global.matchMedia("(prefers-reduced-motion: reduce)").matches)) {
+      node.textContent = prefix + to;
+      return;
+    }
+    node._lgCount = setInterval(function () {
+      value = Math.min(to, value + jump);
+      node.textContent = prefix + value;
+      if (value >= to) clearInterval(node._lgCount);
+    }, stepMs);
+  }
+
+  /**
+   * A live feed in a list element, newest first. A streak (same sender and gift, combo
+   * rising) is one row whose xN counter counts up in place.
+   * opts: {tiers, max, me (user id), decorate(row, ev, user)}
+   */
+  function Feed(list, opts) {
+    this.list = list;
+    this.opts = opts || {};
+    this.tiers = this.opts.tiers || [100, 1000, 10000];
+    this.max = this.opts.max || 200;
+    this.streaks = new Map();   // key -> {row, combo, ts, giftCoins}
+    this.me = this.opts.me || null;
+  }
+
+  Feed.prototype._add = function (row) {
+    this.list.insertBefore(row, this.list.firstChild);
+    while (this.list.children.length > this.max) {
+      var last = this.list.lastElementChild;
+      if (last._lgKey && this.streaks.get(last._lgKey) && this.streaks.get(last._lgKey).row === last) {
+        this.streaks.delete(last._lgKey);
+      }
+      this.list.removeChild(last);
+    }
+    if (this.opts.onChange) this.opts.onChange();
+  };
+
+  Feed.prototype.gift = function (ev) {
+    var key = streakKey(ev);
+    var prev = this.streaks.get(key);
+    var gift = ev.gift || {};
+    var from = ev.from || {};
+    var count = Number(ev.count) || 1;
+    var combo = Number(ev.combo) || count;
+    var giftCoins = Number(gift.coins) || 0;
+    var streakCoins = giftCoins ? giftCoins * combo : Number(ev.coins) || 0;
+    var tier = tierOf(streakCoins, this.tiers);
+    if (continuesStreak(prev, ev) && prev.row.isConnected) {
+      var row = prev.row;
+      countUp(prev.comboNode, prev.combo, combo, "x");
+      prev.combo = combo;
+      prev.ts = ev.ts;
+      prev.coinsNode.textContent = fmt(streakCoins) + " coins";
+      row.dataset.seq = ev.seq;
+      row.dataset.combo = combo;
+      this._setTier(row, tier);
+      row.classList.remove("pulse");
+      void row.offsetWidth;
+      row.classList.add("pulse");
+      return row;
+    }
+    var comboNode = el("span", { class: "combo", testid: "combo", text: "x" + combo });
+    var coinsNode = el("span", { class: "coins", text: fmt(streakCoins) + " coins" });
+    var row2 = el("li", { class: "feed-item gift-item", testid: "feed-item",
+      dataset: { type: "gift", seq: ev.seq, key: key, combo: combo, gift: gift.id || "", from: from.id || "" } },
+      avatar(from),
+      el("div", { class: "item-body" },
+        el("div", { class: "item-line" },
+          el("strong", { class: "name", text: from.name || from.id || "Someone" }),
+          el("span", { class: "verb", text: " sent " }),
+          el("span", { class: "gift-name", text: gift.name || gift.id || "a gift" })),
+        el("div", { class: "item-meta" }, coinsNode, el("span", { class: "dot", "aria-hidden": "true", text: "\u00B7" }),
+          el("time", { class: "time", text: timeOf(ev.ts) }))),
+      el("span", { class: "gift-icon", "aria-hidden": "true", text: giftIcon(gift.id) }),
+      comboNode);
+    this._setTier(row2, tier);
+    row2._lgKey = key;
+    if (this.opts.decorate) this.opts.decorate(row2, ev, from);
+    this.streaks.set(key, { row: row2, combo: combo, ts: ev.ts, comboNode: comboNode, coinsNode: coinsNode });
+    this._add(row2);
+    return row2;
+  };
+
+  Feed.prototype._setTier = function (row, tier) {
+    var old = row.dataset.tier;
+    if (old && Number(old) >= tier) return;
+    if (old) row.classList.remove("tier-" + old);
+    row.classList.add("tier-" + tier);
+    row.dataset.tier = tier;
+  };
+
+  Feed.prototype.shoutout = function (ev) {
+    var to = ev.to || {};
+    var mine = this.me !== null && to.id === this.me;
+    var row = el("li", { class: "feed-item shoutout-item" + (mine ? " shoutout-me" : "") + (ev.auto ? " shoutout-auto" : ""),
+      testid: "feed-item", dataset: { type: "shoutout", seq: ev.seq, to: to.id || "", mine: mine ? "true" : "false" } },
+      el("span", { class: "avatar avatar-shoutout", "aria-hidden": "true", text: "\u{1F4E3}" }),
+      el("div", { class: "item-body" },
+        el("div", { class: "item-line" },
+          el("span", { class: "label", text: mine ? "Shout-out to you" : "Shout-out to " }),
+          mine ? null : el("strong", { class: "name", text: to.name || to.id || "" }),
+          ev.auto ? el("span", { class: "badge", text: "auto" }) : null),
+        el("div", { class: "shoutout-text", testid: "shoutout-text", text: ev.text || "" })));
+    this._add(row);
+    return row;
+  };
+
+  Feed.prototype.notice = function (text, kind) {
+    var row = el("li", { class: "feed-item notice-item notice-" + (kind || "info"), testid: "feed-item",
+      dataset: { type: kind || "notice" } }, el("span", { class: "notice-text", text: text }));
+    this._add(row);
+    return row;
+  };
+
+  function avatar(user) {
+    user = user || {};
+    return el("span", { class: "avatar", "aria-hidden": "true",
+      style: "--hue:" + hueOf(user.id) }, initial(user.name || user.id));
+  }
+
+  function timeOf(ts) {
+    var d = typeof ts === "number" ? new Date(ts) : new Date();
+    return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  }
+
+  global.LiveGift = {
+    context: context,
+    api: api,
+    connect: connect,
+    clients: clients,
+    Client: Client,
+    ApiError: ApiError,
+    errorText: errorText,
+    newReq: newReq,
+    el: el,
+    fmt: fmt,
+    clampInt: clampInt,
+    tierOf: tierOf,
+    parseTiers: parseTiers,
+    giftIcon: giftIcon,
+    initial: initial,
+    hueOf: hueOf,
+    showStatus: showStatus,
+    showMessage: showMessage,
+    Totals: Totals,
+    Feed: Feed,
+    avatar: avatar,
+    countUp: countUp,
+    continuesStreak: continuesStreak,
+    streakKey: streakKey
+  };
+})(window);

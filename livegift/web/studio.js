@@ -1,0 +1,265 @@
+/* studio.js: the creator's live studio, /studio/{room}?token=... (see docs/pages.md). */
+(function () {
+  "use strict";
+  var L = window.LiveGift;
+  var el = L.el;
+  var ctx = L.context();
+  var $ = function (id) { return document.getElementById(id); };
+
+  var tiers = L.parseTiers(ctx.params.get("tiers"));
+  var statusNode = $("status");
+  var messageNode = $("message");
+  var endBtn = $("end-stream");
+  var templateInput = $("shoutout-text");
+  var ended = false;
+  var welcomeSeq = null;
+  var snapshotAsked = false;
+  var sawLeaderboard = false;
+  var sawViewers = false;
+  var me = null;
+
+  $("room-id").textContent = "Room " + ctx.room;
+
+  // ------------------------------------------------------------ totals
+
+  var shown = { coins: null, diamonds: null, gifts: null, viewers: null };
+  function setStat(name, value) {
+    if (shown[name] === value) return;
+    var node = $("total-" + name);
+    node.textContent = L.fmt(value);
+    if (shown[name] !== null) {
+      node.classList.remove("bump");
+      void node.offsetWidth;
+      node.classList.add("bump");
+    }
+    shown[name] = value;
+  }
+  var totals = new L.Totals(function (t) {
+    setStat("coins", t.coins);
+    setStat("diamonds", t.diamonds);
+    setStat("gifts", t.gifts);
+  });
+  setStat("coins", 0); setStat("diamonds", 0); setStat("gifts", 0); setStat("viewers", 0);
+
+  // ------------------------------------------------------------ shout-outs
+
+  function shoutoutText(user) {
+    var template = (templateInput.value || "").trim() || "Thank you {name}!";
+    var name = user.name || user.id;
+    var text = template.split("{name}").join(name).trim();
+    if (Array.from(text).length > 200) text = Array.from(text).slice(0, 199).join("") + "\u2026";
+    return text;
+  }
+
+  function shoutoutButton(user) {
+    var name = user.name || user.id;
+    var btn = el("button", { type: "button", class: "btn btn-small shoutout-btn", testid: "shoutout-btn",
+      "aria-label": "Shout out to " + name, dataset: { user: user.id || "" }, text: "Shout-out" });
+    if (ended) btn.disabled = true;
+    btn.addEventListener("click", function () { sendShoutout(user, btn); });
+    return btn;
+  }
+
+  function sendShoutout(user, btn) {
+    if (!user || !user.id || ended) return;
+    btn.disabled = true;
+    btn.textContent = "Sending\u2026";
+    client.request({ op: "shoutout", to: user.id, text: shoutoutText(user) }).then(function () {
+      btn.textContent = "Sent \u2713";
+      btn.classList.add("sent");
+      setTimeout(function () {
+        btn.textContent = "Shout-out";
+        btn.classList.remove("sent");
+        btn.disabled = ended;
+      }, 2500);
+    }, function (err) {
+      btn.textContent = "Shout-out";
+      btn.disabled = ended;
+      L.showMessage(messageNode, L.errorText(err.code, err.message, "shoutout"), "error", 6000);
+    });
+  }
+
+  // ------------------------------------------------------------ feed + top gifters
+
+  var feed = new L.Feed($("feed"), {
+    tiers: tiers,
+    max: 300,
+    decorate: function (row, ev, from) {
+      if (from && from.id) row.appendChild(shoutoutButton(from));
+    }
+  });
+
+  function renderTop(top) {
+    var list = $("top-gifters");
+    list.textContent = "";
+    (top || []).slice(0, 10).forEach(function (entry, i) {
+      var user = entry.user || {};
+      list.appendChild(el("li", { class: "gifter", testid: "gifter", dataset: { user: user.id || "" } },
+        el("span", { class: "rank", "aria-label": "Rank " + (i + 1), text: String(i + 1) }),
+        L.avatar(user),
+        el("span", { class: "name", text: user.name || user.id || "" }),
+        el("span", { class: "coins", "aria-label": L.fmt(entry.coins) + " coins", text: L.fmt(entry.coins) }),
+        shoutoutButton(user)));
+    });
+    $("top-empty").hidden = list.children.length > 0;
+  }
+
+  // ------------------------------------------------------------ stream state
+
+  function loadSnapshot() {
+    if (snapshotAsked) return;
+    snapshotAsked = true;
+    L.api("GET", "/api/streams/" + encodeURIComponent(ctx.room), undefined, ctx.token).then(function (s) {
+      if (!s) return;
+      totals.applySnapshot(s, welcomeSeq);
+      if (!sawLeaderboard && Array.isArray(s.top_gifters)) renderTop(s.top_gifters);
+      if (!sawViewers && typeof s.viewers === "number" && welcomeSeq === null) setStat("viewers", s.viewers);
+      if (s.title) { $("stream-title").textContent = s.title; document.title = s.title + " \u00B7 Studio \u00B7 livegift"; }
+      if (s.live === false) markEnded();
+    }, function (err) {
+      snapshotAsked = false;
+      if (err.code === "not_found") L.showMessage(messageNode, L.errorText("not_found"), "error");
+      else setTimeout(loadSnapshot, 2000);
+    });
+  }
+
+  function markEnded() {
+    if (ended) return;
+    ended = true;
+    endBtn.disabled = true;
+    endBtn.classList.remove("armed");
+    endBtn.textContent = "Stream ended";
+    Array.prototype.forEach.call(document.querySelectorAll(".shoutout-btn"), function (b) { b.disabled = true; });
+    feed.notice("The stream has ended.", "ended");
+    L.showStatus(statusNode, "ended");
+  }
+
+  function onEvent(ev) {
+    switch (ev.type) {
+      case "welcome":
+        me = ev.you || null;
+        if (welcomeSeq === null) welcomeSeq = typeof ev.seq === "number" ? ev.seq : 0;
+        if (typeof ev.viewers === "number") setStat("viewers", ev.viewers);
+        if (ev.creator && ev.creator.name && $("stream-title").textContent === "Live studio") {
+          $("stream-title").textContent = ev.creator.name + "'s live";
+        }
+        if (me && ev.creator && me.id !== ev.creator.id) {
+          L.showMessage(messageNode, "You're signed in as " + (me.name || me.id) +
+            ", not this stream's creator: shout-outs and ending the stream won't work.", "error");
+        }
+        loadSnapshot();
+        break;
+      case "gift":
+        totals.addGift(ev);
+        feed.gift(ev);
+        break;
+      case "shoutout":
+        feed.shoutout(ev);
+        break;
+      case "leaderboard":
+        sawLeaderboard = true;
+        renderTop(ev.top);
+        break;
+      case "viewers":
+        sawViewers = true;
+        if (typeof ev.count === "number") setStat("viewers", ev.count);
+        break;
+      case "resumed":
+        if (ev.complete === false) {
+          feed.notice("Reconnected, but some gifts from the gap are too old to replay. Totals stay correct.", "warning");
+          loadSnapshotAgain();
+        }
+        break;
+      case "stream_ended":
+        markEnded();
+        break;
+    }
+  }
+
+  function loadSnapshotAgain() {
+    // After an incomplete resume the running totals missed events: start again from the server.
+    var t = new L.Totals(totals.onChange);
+    totals = t;
+    snapshotAsked = false;
+    welcomeSeq = client.lastSeq;
+    loadSnapshot();
+  }
+
+  var client = L.connect({
+    room: ctx.room,
+    token: ctx.token,
+    onEvent: onEvent,
+    onStatus: function (state, detail) {
+      if (ended && state !== "ended") return;
+      L.showStatus(statusNode, state, detail);
+      if (state === "ended") markEnded();
+      if (state === "unauthorized" || state === "forbidden" || state === "not_found") {
+        L.showMessage(messageNode, L.errorText(state), "error");
+      }
+    }
+  });
+  window.studio = { client: client, feed: feed };
+
+  // ------------------------------------------------------------ end stream (press twice)
+
+  var armTimer = null;
+  endBtn.addEventListener("click", function () {
+    if (ended) return;
+    if (!endBtn.classList.contains("armed")) {
+      endBtn.classList.add("armed");
+      endBtn.textContent = "Confirm: end stream";
+      armTimer = setTimeout(function () {
+        endBtn.classList.remove("armed");
+        if (!ended) endBtn.textContent = "End stream";
+      }, 5000);
+      return;
+    }
+    clearTimeout(armTimer);
+    endBtn.disabled = true;
+    endBtn.textContent = "Ending\u2026";
+    L.api("DELETE", "/api/streams/" + encodeURIComponent(ctx.room), undefined, ctx.token).then(function () {
+      markEnded();
+    }, function (err) {
+      endBtn.disabled = false;
+      endBtn.classList.remove("armed");
+      endBtn.textContent = "End stream";
+      L.showMessage(messageNode, L.errorText(err.code, err.message, "end"), "error", 8000);
+    });
+  });
+
+  // ------------------------------------------------------------ overlay URL builder
+
+  function overlayUrl() {
+    var q = new URLSearchParams();
+    q.set("token", ctx.token);
+    var min = parseInt($("ov-min").value, 10);
+    if (min > 0) q.set("min", String(min));
+    var seconds = parseFloat($("ov-duration").value);
+    if (seconds > 0 && Math.round(seconds * 1000) !== 4000) q.set("duration", String(Math.round(seconds * 1000)));
+    var goal = parseInt($("ov-goal").value, 10);
+    if (goal > 0) {
+      q.set("goal", String(goal));
+      var title = $("ov-goal-title").value.trim();
+      if (title) q.set("goal_title", title);
+    }
+    if (ctx.params.get("tiers")) q.set("tiers", ctx.params.get("tiers"));
+    return location.origin + "/overlay/" + encodeURIComponent(ctx.room) + "?" + q.toString();
+  }
+  function refreshOverlayUrl() { $("ov-url").value = overlayUrl(); }
+  ["ov-min", "ov-duration", "ov-goal", "ov-goal-title"].forEach(function (id) {
+    $(id).addEventListener("input", refreshOverlayUrl);
+  });
+  refreshOverlayUrl();
+  $("ov-copy").addEventListener("click", function () {
+    var input = $("ov-url");
+    var done = function () {
+      $("ov-copy").textContent = "Copied \u2713";
+      setTimeout(function () { $("ov-copy").textContent = "Copy"; }, 2000);
+    };
+    if (navigator.clipboard && navigator.clipboard.writeText) {
+      navigator.clipboard.writeText(input.value).then(done, function () { input.select(); });
+    } else {
+      input.select();
+    }
+  });
+})();
