@@ -53,6 +53,9 @@ class Settings:
     batch_ms: int = 10
     # A socket whose unsent bytes pass this bound is closed with 4008.
     send_buffer_limit: int = 1 << 20
+    # Kernel send buffer per WebSocket (SO_SNDBUF); fixed so that a stalled reader is
+    # noticed after a bounded number of bytes, not after the kernel's autotuned megabytes.
+    socket_sndbuf: int = 256 * 1024
     redis_max_connections: int = 64
     # Gift rules.
     gift_rate: int = 10
@@ -90,6 +93,7 @@ class Settings:
             dev_mode=_bool(env, "LIVEGIFT_DEV", True),
             batch_ms=_int(env, "LIVEGIFT_BATCH_MS", 10),
             send_buffer_limit=_int(env, "LIVEGIFT_SEND_BUFFER", 1 << 20, minimum=4096),
+            socket_sndbuf=_int(env, "LIVEGIFT_SOCKET_SNDBUF", 256 * 1024),
             redis_max_connections=_int(env, "LIVEGIFT_REDIS_CONNECTIONS", 64, minimum=2),
             gift_rate=_int(env, "LIVEGIFT_GIFT_RATE", 10, minimum=1),
             gift_burst=_int(env, "LIVEGIFT_GIFT_BURST", 20, minimum=1),

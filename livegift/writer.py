@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -43,9 +44,13 @@ class TransportSink:
 
     __slots__ = ("_proto", "_transport", "closed", "codec", "limit", "on_slow")
 
-    def __init__(self, proto: Any, codec: Codec, limit: int) -> None:
+    def __init__(self, proto: Any, codec: Codec, limit: int, sndbuf: int = 0) -> None:
         self._proto = proto
         self._transport: asyncio.Transport = proto.transport
+        sock = self._transport.get_extra_info("socket")
+        if sndbuf and sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         self.codec = codec
         self.limit = limit
         self.closed = False

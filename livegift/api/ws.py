@@ -101,7 +101,9 @@ async def websocket_endpoint(services: Services, scope: Scope, receive: Receive,
 
     sink: Sink
     if TransportSink.supports(send):
-        sink = TransportSink(send.__self__, codec, settings.send_buffer_limit)
+        sink = TransportSink(
+            send.__self__, codec, settings.send_buffer_limit, settings.socket_sndbuf
+        )
     else:
         sink = QueueSink(send, codec, settings.send_buffer_limit)
     sink.on_slow = services.hub.slow  # type: ignore[misc]

@@ -222,6 +222,11 @@
     this.onEvent = opts.onEvent || function () {};
     this.onStatus = opts.onStatus || function () {};
     this.lastSeq = (opts.since === undefined || opts.since === null) ? null : Number(opts.since);
+    // history: on the first join replay what the room's history still holds (since=0);
+    // onEvent(ev, {history: true}) then marks those older events.
+    if (opts.history && this.lastSeq === null) this.lastSeq = 0;
+    this.historyUpTo = null;      // the first welcome's seq when history was asked for
+    this.wantHistory = !!opts.history;
     this.state = "idle";
     this.ws = null;
     this.welcomed = false;
@@ -296,6 +301,7 @@
       // On a first join nothing is replayed: start after the room's latest seq. On a
       // resume keep our own lastSeq: the replay of what we missed follows this welcome.
       if (this.lastSeq === null && typeof ev.seq === "number") this.lastSeq = ev.seq;
+      if (this.wantHistory && this.historyUpTo === null && typeof ev.seq === "number") this.historyUpTo = ev.seq;
       this._setState("live", { welcome: ev });
       this._emit(ev);
       this._flushPending();
@@ -327,7 +333,12 @@
   };
 
   Client.prototype._emit = function (ev) {
-    try { this.onEvent(ev); } catch (e) { reportError(e); }
+    var meta = { history: false };
+    if (this.historyUpTo !== null) {
+      if (DURABLE[ev.type] && typeof ev.seq === "number" && ev.seq <= this.historyUpTo) meta.history = true;
+      if (ev.type === "resumed" && this.stats.connects === 1) meta.history = true;
+    }
+    try { this.onEvent(ev, meta); } catch (e) { reportError(e); }
   };
 
   Client.prototype._onClose = function (ws, e) {
@@ -611,7 +622,7 @@
     if (this.opts.onChange) this.opts.onChange();
   };
 
-  Feed.prototype.gift = function (ev) {
+  Feed.prototype.gift = function (ev, meta) {
     var key = streakKey(ev);
     var prev = this.streaks.get(key);
     var gift = ev.gift || {};
@@ -645,11 +656,12 @@
           el("strong", { class: "name", text: from.name || from.id || "Someone" }),
           el("span", { class: "verb", text: " sent " }),
           el("span", { class: "gift-name", text: gift.name || gift.id || "a gift" })),
-        el("div", { class: "item-meta" }, coinsNode, el("span", { class: "dot", "aria-hidden": "true", text: "\u00B7" }),
+        el("div", { class: "item-meta" }, coinsNode,
           el("time", { class: "time", text: timeOf(ev.ts) }))),
       el("span", { class: "gift-icon", "aria-hidden": "true", text: giftIcon(gift.id) }),
       comboNode);
     this._setTier(row2, tier);
+    if (meta && meta.history) row2.classList.add("history");
     row2._lgKey = key;
     if (this.opts.decorate) this.opts.decorate(row2, ev, from);
     this.streaks.set(key, { row: row2, combo: combo, ts: ev.ts, comboNode: comboNode, coinsNode: coinsNode });
@@ -665,7 +677,7 @@
     row.dataset.tier = tier;
   };
 
-  Feed.prototype.shoutout = function (ev) {
+  Feed.prototype.shoutout = function (ev, meta) {
     var to = ev.to || {};
     var mine = this.me !== null && to.id === this.me;
     var row = el("li", { class: "feed-item shoutout-item" + (mine ? " shoutout-me" : "") + (ev.auto ? " shoutout-auto" : ""),
@@ -677,6 +689,7 @@
           mine ? null : el("strong", { class: "name", text: to.name || to.id || "" }),
           ev.auto ? el("span", { class: "badge", text: "auto" }) : null),
         el("div", { class: "shoutout-text", testid: "shoutout-text", text: ev.text || "" })));
+    if (meta && meta.history) row.classList.add("history");
     this._add(row);
     return row;
   };

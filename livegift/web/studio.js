@@ -17,6 +17,7 @@
   var sawLeaderboard = false;
   var sawViewers = false;
   var me = null;
+  var titleFromServer = false;
 
   $("room-id").textContent = "Room " + ctx.room;
 
@@ -51,29 +52,32 @@
     return text;
   }
 
-  function shoutoutButton(user) {
+  function shoutoutButton(user, compact) {
     var name = user.name || user.id;
-    var btn = el("button", { type: "button", class: "btn btn-small shoutout-btn", testid: "shoutout-btn",
-      "aria-label": "Shout out to " + name, dataset: { user: user.id || "" }, text: "Shout-out" });
+    var btn = el("button", { type: "button", class: "btn btn-small shoutout-btn" + (compact ? " btn-icon" : ""),
+      testid: "shoutout-btn", title: "Shout out to " + name,
+      "aria-label": "Shout out to " + name, dataset: { user: user.id || "" } });
+    var label = compact ? "\u{1F4E3}" : "Shout-out";
+    btn.textContent = label;
     if (ended) btn.disabled = true;
-    btn.addEventListener("click", function () { sendShoutout(user, btn); });
+    btn.addEventListener("click", function () { sendShoutout(user, btn, label); });
     return btn;
   }
 
-  function sendShoutout(user, btn) {
+  function sendShoutout(user, btn, label) {
     if (!user || !user.id || ended) return;
     btn.disabled = true;
-    btn.textContent = "Sending\u2026";
+    btn.textContent = label === "Shout-out" ? "Sending\u2026" : "\u2026";
     client.request({ op: "shoutout", to: user.id, text: shoutoutText(user) }).then(function () {
-      btn.textContent = "Sent \u2713";
+      btn.textContent = label === "Shout-out" ? "Sent \u2713" : "\u2713";
       btn.classList.add("sent");
       setTimeout(function () {
-        btn.textContent = "Shout-out";
+        btn.textContent = label;
         btn.classList.remove("sent");
         btn.disabled = ended;
       }, 2500);
     }, function (err) {
-      btn.textContent = "Shout-out";
+      btn.textContent = label;
       btn.disabled = ended;
       L.showMessage(messageNode, L.errorText(err.code, err.message, "shoutout"), "error", 6000);
     });
@@ -99,7 +103,7 @@
         L.avatar(user),
         el("span", { class: "name", text: user.name || user.id || "" }),
         el("span", { class: "coins", "aria-label": L.fmt(entry.coins) + " coins", text: L.fmt(entry.coins) }),
-        shoutoutButton(user)));
+        shoutoutButton(user, true)));
     });
     $("top-empty").hidden = list.children.length > 0;
   }
@@ -114,7 +118,12 @@
       totals.applySnapshot(s, welcomeSeq);
       if (!sawLeaderboard && Array.isArray(s.top_gifters)) renderTop(s.top_gifters);
       if (!sawViewers && typeof s.viewers === "number" && welcomeSeq === null) setStat("viewers", s.viewers);
-      if (s.title) { $("stream-title").textContent = s.title; document.title = s.title + " \u00B7 Studio \u00B7 livegift"; }
+      if (s.title) {
+        titleFromServer = true;
+        $("stream-title").textContent = s.title;
+        document.title = s.title + " \u00B7 Studio \u00B7 livegift";
+      }
+      if (s.creator) $("room-id").textContent = (s.creator.name || s.creator.id) + " \u00B7 room " + ctx.room;
       if (s.live === false) markEnded();
     }, function (err) {
       snapshotAsked = false;
@@ -134,14 +143,16 @@
     L.showStatus(statusNode, "ended");
   }
 
-  function onEvent(ev) {
+  function onEvent(ev, meta) {
+    meta = meta || {};
     switch (ev.type) {
       case "welcome":
         me = ev.you || null;
         if (welcomeSeq === null) welcomeSeq = typeof ev.seq === "number" ? ev.seq : 0;
         if (typeof ev.viewers === "number") setStat("viewers", ev.viewers);
-        if (ev.creator && ev.creator.name && $("stream-title").textContent === "Live studio") {
-          $("stream-title").textContent = ev.creator.name + "'s live";
+        if (ev.creator && !titleFromServer) {
+          $("stream-title").textContent = ev.creator.name || ev.creator.id;
+          document.title = (ev.creator.name || ev.creator.id) + " \u00B7 Studio \u00B7 livegift";
         }
         if (me && ev.creator && me.id !== ev.creator.id) {
           L.showMessage(messageNode, "You're signed in as " + (me.name || me.id) +
@@ -151,10 +162,10 @@
         break;
       case "gift":
         totals.addGift(ev);
-        feed.gift(ev);
+        feed.gift(ev, meta);
         break;
       case "shoutout":
-        feed.shoutout(ev);
+        feed.shoutout(ev, meta);
         break;
       case "leaderboard":
         sawLeaderboard = true;
@@ -165,7 +176,7 @@
         if (typeof ev.count === "number") setStat("viewers", ev.count);
         break;
       case "resumed":
-        if (ev.complete === false) {
+        if (ev.complete === false && !meta.history) {
           feed.notice("Reconnected, but some gifts from the gap are too old to replay. Totals stay correct.", "warning");
           loadSnapshotAgain();
         }
@@ -188,6 +199,7 @@
   var client = L.connect({
     room: ctx.room,
     token: ctx.token,
+    history: true,
     onEvent: onEvent,
     onStatus: function (state, detail) {
       if (ended && state !== "ended") return;

@@ -178,25 +178,25 @@
     L.showStatus(statusNode, "ended");
   }
 
-  function onEvent(ev) {
+  function onEvent(ev, meta) {
+    meta = meta || {};
     switch (ev.type) {
       case "welcome":
         me = ev.you || null;
         feed.me = me ? me.id : null;
         if (typeof ev.viewers === "number") $("viewers").textContent = L.fmt(ev.viewers);
         if (ev.creator) {
-          var title = (ev.creator.name || ev.creator.id) + "'s live";
+          var title = ev.creator.name || ev.creator.id;
           $("stream-title").textContent = title;
-          document.title = title + " \u00B7 livegift";
+          document.title = title + " is live \u00B7 livegift";
         }
         break;
       case "gift":
-        feed.gift(ev);
+        feed.gift(ev, meta);
         break;
       case "shoutout":
-        var row = feed.shoutout(ev);
-        if (row.dataset.mine === "true") {
-          row.setAttribute("data-highlight", "me");
+        var row = feed.shoutout(ev, meta);
+        if (row.dataset.mine === "true" && !meta.history) {
           say("\u{1F4E3} The creator gave you a shout-out: " + (ev.text || ""), "success", 8000);
         }
         break;
@@ -204,7 +204,7 @@
         if (typeof ev.count === "number") $("viewers").textContent = L.fmt(ev.count);
         break;
       case "resumed":
-        if (ev.complete === false) feed.notice("Reconnected; some older events could not be replayed.", "warning");
+        if (ev.complete === false && !meta.history) feed.notice("Reconnected; some older events could not be replayed.", "warning");
         break;
       case "stream_ended":
         markEnded();
@@ -215,6 +215,7 @@
   var client = L.connect({
     room: ctx.room,
     token: ctx.token,
+    history: true,
     onEvent: onEvent,
     onStatus: function (state, detail) {
       if (ended && state !== "ended") return;

@@ -1,0 +1,180 @@
+"""Fixtures: a real Redis-compatible server, and real livegift servers on free ports.
+
+Nothing is mocked: the Redis is a real valkey/redis process started here, and
+``live_server`` runs ``python -m livegift serve`` (uvicorn) in a subprocess. Test
+timeouts scale with LIVEGIFT_TEST_TIMEOUT_FACTOR on slow machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from livegift import auth
+from livegift.catalog import default_catalog
+from livegift.embedded import EmbeddedRedis, free_port
+
+SECRET = "test-secret-0123456789abcdef0123456789"
+PAYMENT_SECRET = "test-payment-secret-0123456789abcdef01"
+ADULT = "1990-01-01"
+FACTOR = float(os.environ.get("LIVEGIFT_TEST_TIMEOUT_FACTOR", "1"))
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def unit(seconds: float) -> float:
+    """A timeout, scaled for slow machines."""
+    return seconds * FACTOR
+
+
+def uid(prefix: str = "u") -> str:
+    return f"{prefix}_{secrets.token_hex(4)}"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url
+
+
+class LiveServer:
+    """A real ``livegift serve`` process, with helpers to mint tokens and make requests."""
+
+    def __init__(self, redis_url: str, env: dict[str, str] | None = None, log: Path | None = None):
+        self.redis_url = redis_url
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        self.secret = SECRET
+        self.payment_secret = PAYMENT_SECRET
+        self.extra_env = env or {}
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+        self.http = httpx.Client(base_url=self.base_url, timeout=unit(10))
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            REDIS_URL=self.redis_url,
+            LIVEGIFT_SECRET=SECRET,
+            LIVEGIFT_PAYMENT_SECRET=PAYMENT_SECRET,
+            LIVEGIFT_GIFT_RATE="1000",
+            LIVEGIFT_GIFT_BURST="1000",
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> LiveServer:
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "livegift", "serve", "--port", str(self.port)],
+            env=self.env(),
+            stdout=out,
+            stderr=out,
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + unit(20)
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"livegift serve exited with {self.process.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if self.http.get("/healthz").status_code == 200:
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError("livegift serve did not become healthy")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(unit(10))
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def close(self) -> None:
+        self.stop()
+        self.http.close()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def token(
+        self, user: str, *, name: str | None = None, birthdate: str | None = ADULT,
+        ttl: int = 3600,
+    ) -> str:  # fmt: skip
+        return auth.mint_token(SECRET, user, name=name, birthdate=birthdate, ttl=ttl)
+
+    def receipt(self, user: str, package: str = "p1321", region: str = "US",
+                txn: str | None = None) -> str:  # fmt: skip
+        return auth.mint_receipt(PAYMENT_SECRET, default_catalog(), user, package,
+                                 region=region, txn=txn)  # fmt: skip
+
+    def headers(self, token: str | None) -> dict[str, str]:
+        return {"authorization": f"Bearer {token}"} if token else {}
+
+    def get(self, path: str, token: str | None = None, **kw: Any) -> httpx.Response:
+        return self.http.get(path, headers=self.headers(token), **kw)
+
+    def post(self, path: str, json: Any = None, token: str | None = None,
+             headers: dict[str, str] | None = None) -> httpx.Response:  # fmt: skip
+        return self.http.post(path, json=json, headers={**self.headers(token), **(headers or {})})
+
+    def delete(self, path: str, token: str | None = None) -> httpx.Response:
+        return self.http.delete(path, headers=self.headers(token))
+
+    def create_stream(self, creator_token: str, title: str = "t") -> str:
+        r = self.post("/api/streams", {"title": title}, token=creator_token)
+        assert r.status_code in (200, 201), r.text
+        return str(r.json()["room"])
+
+    def recharge(self, user_token: str, user: str, package: str = "p1321",
+                 region: str = "US", txn: str | None = None) -> dict[str, Any]:  # fmt: skip
+        r = self.post(
+            "/api/wallet/recharge", {"receipt": self.receipt(user, package, region, txn)},
+            token=user_token,
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    def ws(self, room: str, token: str, **params: Any) -> str:
+        query = "&".join(f"{k}={v}" for k, v in {"token": token, **params}.items())
+        return f"{self.ws_url}/ws/{room}?{query}"
+
+
+@pytest.fixture(scope="session")
+def live_server(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    server = LiveServer(redis_url, log=tmp_path_factory.mktemp("logs") / "server.log").start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def server_factory(redis_url: str, tmp_path: Path) -> Iterator[Any]:
+    """Start extra servers with their own environment (stopped after the test)."""
+    started: list[LiveServer] = []
+
+    def make(env: dict[str, str] | None = None, url: str | None = None) -> LiveServer:
+        server = LiveServer(url or redis_url, env, log=tmp_path / f"server{len(started)}.log")
+        started.append(server)
+        return server.start()
+
+    yield make
+    for server in started:
+        server.close()
