@@ -163,4 +163,6 @@ def verify_receipt(payment_secret: str, catalog: Catalog, receipt: object, user:
             f"{pkg.id} in {price_list.region} costs {pkg.price} {price_list.currency}, "
             f"receipt says {amount} {currency}"
         )
-    return Receipt(txn, user.id, pkg.id, price_list.region, pkg.price, price_list.currency, pkg.coins)
+    return Receipt(
+        txn, user.id, pkg.id, price_list.region, pkg.price, price_list.currency, pkg.coins
+    )

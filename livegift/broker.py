@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -28,7 +29,7 @@ OnReconnect = Callable[[], None]
 
 class Broker:
     def __init__(self, redis: Redis, on_message: OnMessage, on_reconnect: OnReconnect) -> None:
-        self.redis = redis
+        self.redis: Any = redis
         self._on_message = on_message
         self._on_reconnect = on_reconnect
         self._pubsub: PubSub = redis.pubsub(ignore_subscribe_messages=False)
@@ -46,7 +47,7 @@ class Broker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(Exception):
-            await self._pubsub.aclose()
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def subscribe(self, room: str) -> None:
         channel = keys.channel(room).encode()

@@ -19,7 +19,12 @@ class Gift:
     streakable: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "coins": self.coins, "streakable": self.streakable}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "coins": self.coins,
+            "streakable": self.streakable,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +82,10 @@ class Catalog:
 
 @cache
 def default_catalog() -> Catalog:
-    gifts = {g["id"]: Gift(g["id"], g["name"], int(g["coins"]), bool(g["streakable"]))
-             for g in _load("gifts.json")["gifts"]}  # fmt: skip
+    gifts = {
+        g["id"]: Gift(g["id"], g["name"], int(g["coins"]), bool(g["streakable"]))
+        for g in _load("gifts.json")["gifts"]
+    }
     regions = {
         region: PriceList(
             region,

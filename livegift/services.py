@@ -81,7 +81,7 @@ class Services:
         return _sum_fresh(raw, int(time.time() * 1000))
 
 
-def _sum_fresh(raw: dict[bytes, bytes], now: int) -> int:
+def _sum_fresh(raw: Any, now: int) -> int:
     total = 0
     for value in raw.values():
         count, _, ts = value.partition(b":")

@@ -21,9 +21,14 @@ log = logging.getLogger("livegift.session")
 
 class Session:
     def __init__(
-        self, user: User, room: str, codec: Codec, ledger: Ledger, catalog: Catalog,
+        self,
+        user: User,
+        room: str,
+        codec: Codec,
+        ledger: Ledger,
+        catalog: Catalog,
         max_bad_frames: int,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.user = user
         self.room = room
         self.codec = codec
@@ -78,4 +83,3 @@ class Session:
             raise Forbidden("only the stream's creator can give shout-outs")
         seq = await self.ledger.shoutout(self.user, self.room, op.to, op.text)
         return ack_ok(op.req, seq=seq)
-

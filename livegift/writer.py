@@ -31,6 +31,7 @@ TOO_SLOW = 4008
 class Sink(Protocol):
     codec: Codec
     closed: bool
+    on_slow: Callable[[], None] | None
 
     def write(self, frame: bytes) -> None: ...
 
@@ -160,7 +161,10 @@ class QueueSink:
                 payload = _unframe(frame)
                 with contextlib.suppress(Exception):
                     await self._send(
-                        {"type": "websocket.send", key: payload if self.codec.binary else payload.decode()}
+                        {
+                            "type": "websocket.send",
+                            key: payload if self.codec.binary else payload.decode(),
+                        }
                     )
             if self._close_code is not None:
                 with contextlib.suppress(Exception):

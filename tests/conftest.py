@@ -116,15 +116,21 @@ class LiveServer:
     # -- helpers -----------------------------------------------------------------------
 
     def token(
-        self, user: str, *, name: str | None = None, birthdate: str | None = ADULT,
+        self,
+        user: str,
+        *,
+        name: str | None = None,
+        birthdate: str | None = ADULT,
         ttl: int = 3600,
-    ) -> str:  # fmt: skip
+    ) -> str:
         return auth.mint_token(SECRET, user, name=name, birthdate=birthdate, ttl=ttl)
 
-    def receipt(self, user: str, package: str = "p1321", region: str = "US",
-                txn: str | None = None) -> str:  # fmt: skip
-        return auth.mint_receipt(PAYMENT_SECRET, default_catalog(), user, package,
-                                 region=region, txn=txn)  # fmt: skip
+    def receipt(
+        self, user: str, package: str = "p1321", region: str = "US", txn: str | None = None
+    ) -> str:
+        return auth.mint_receipt(
+            PAYMENT_SECRET, default_catalog(), user, package, region=region, txn=txn
+        )
 
     def headers(self, token: str | None) -> dict[str, str]:
         return {"authorization": f"Bearer {token}"} if token else {}
@@ -132,8 +138,13 @@ class LiveServer:
     def get(self, path: str, token: str | None = None, **kw: Any) -> httpx.Response:
         return self.http.get(path, headers=self.headers(token), **kw)
 
-    def post(self, path: str, json: Any = None, token: str | None = None,
-             headers: dict[str, str] | None = None) -> httpx.Response:  # fmt: skip
+    def post(
+        self,
+        path: str,
+        json: Any = None,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
         return self.http.post(path, json=json, headers={**self.headers(token), **(headers or {})})
 
     def delete(self, path: str, token: str | None = None) -> httpx.Response:
@@ -144,12 +155,19 @@ class LiveServer:
         assert r.status_code in (200, 201), r.text
         return str(r.json()["room"])
 
-    def recharge(self, user_token: str, user: str, package: str = "p1321",
-                 region: str = "US", txn: str | None = None) -> dict[str, Any]:  # fmt: skip
+    def recharge(
+        self,
+        user_token: str,
+        user: str,
+        package: str = "p1321",
+        region: str = "US",
+        txn: str | None = None,
+    ) -> dict[str, Any]:
         r = self.post(
-            "/api/wallet/recharge", {"receipt": self.receipt(user, package, region, txn)},
+            "/api/wallet/recharge",
+            {"receipt": self.receipt(user, package, region, txn)},
             token=user_token,
-        )  # fmt: skip
+        )
         assert r.status_code == 200, r.text
         return dict(r.json())
 

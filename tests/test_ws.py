@@ -20,7 +20,9 @@ async def stream(server: LiveServer) -> tuple[str, str, str]:
     return server.create_stream(token), creator, token
 
 
-async def viewer(server: LiveServer, coins_package: str | None = "p1321", **kw: object) -> tuple[str, str]:
+async def viewer(
+    server: LiveServer, coins_package: str | None = "p1321", **kw: object
+) -> tuple[str, str]:
     user = uid("viewer")
     token = server.token(user, **kw)  # type: ignore[arg-type]
     if coins_package:
@@ -39,7 +41,14 @@ async def test_welcome_then_gift_reaches_every_member(live_server: LiveServer) -
     hello = await sender.next()
     assert hello["you"] == {"id": user, "name": "Alice"} and hello["viewers"] >= 1
     ack = await sender.gift("r1", "rose", 3)
-    assert ack == {"type": "ack", "req": "r1", "ok": True, "balance": 1321 - 3, "seq": 1, "combo": 3}
+    assert ack == {
+        "type": "ack",
+        "req": "r1",
+        "ok": True,
+        "balance": 1321 - 3,
+        "seq": 1,
+        "combo": 3,
+    }
     event = await watcher.until(lambda e: e["type"] == "gift")
     assert event["seq"] == 1 and event["count"] == 3 and event["coins"] == 3
     assert event["from"] == {"id": user, "name": "Alice"}
@@ -98,7 +107,11 @@ async def test_double_spend_exactly_ten_of_a_hundred_succeed(live_server: LiveSe
             await client.send({"op": "gift", "req": f"ds-{k}-{i}", "gift": "rose"})
         return [await client.ack(f"ds-{k}-{i}") for i in range(20)]
 
-    acks = [a for batch in await asyncio.gather(*(fire(c, k) for k, c in enumerate(sockets))) for a in batch]
+    acks = [
+        a
+        for batch in await asyncio.gather(*(fire(c, k) for k, c in enumerate(sockets)))
+        for a in batch
+    ]
     ok = [a for a in acks if a["ok"]]
     assert len(ok) == 10
     assert {a["error"]["code"] for a in acks if not a["ok"]} == {"insufficient_funds"}  # type: ignore[index]
@@ -107,7 +120,9 @@ async def test_double_spend_exactly_ten_of_a_hundred_succeed(live_server: LiveSe
         await c.close()
 
 
-async def test_retried_req_is_charged_once_and_returns_first_outcome(live_server: LiveServer) -> None:
+async def test_retried_req_is_charged_once_and_returns_first_outcome(
+    live_server: LiveServer,
+) -> None:
     room, _, _ = await stream(live_server)
     user, token = await viewer(live_server)
     first = await Client.open(live_server.ws(room, token))
@@ -174,7 +189,10 @@ async def test_self_gift_and_ended_stream(live_server: LiveServer) -> None:
     client = await Client.open(live_server.ws(room, token))
     await client.next()
     assert live_server.delete(f"/api/streams/{room}", token).json()["error"]["code"] == "forbidden"
-    assert live_server.delete(f"/api/streams/{room}", creator_token).json() == {"room": room, "live": False}
+    assert live_server.delete(f"/api/streams/{room}", creator_token).json() == {
+        "room": room,
+        "live": False,
+    }
     ended = await client.until(lambda e: e["type"] == "stream_ended")
     assert ended["seq"] == 1
     with pytest.raises(ConnectionClosed) as closed:
@@ -330,7 +348,9 @@ def bad_token(server: LiveServer, kind: str) -> str | None:
     if kind == "expired":
         return server.token(user, ttl=-10)
     if kind == "wrong_key":
-        return jwt.encode({"sub": user, "exp": 4102444800}, "another-secret-0123456789abcdef012345", "HS256")
+        return jwt.encode(
+            {"sub": user, "exp": 4102444800}, "another-secret-0123456789abcdef012345", "HS256"
+        )
     header = orjson.dumps({"alg": "none", "typ": "JWT"})
     body = orjson.dumps({"sub": user, "exp": 4102444800, "birthdate": "1990-01-01"})
     import base64
@@ -353,7 +373,11 @@ async def test_token_in_authorization_header(live_server: LiveServer) -> None:
 
 async def test_slow_reader_is_closed_4008_and_others_keep_up(server_factory: object) -> None:
     server = server_factory(
-        {"LIVEGIFT_SEND_BUFFER": "65536", "LIVEGIFT_SOCKET_SNDBUF": "16384", "LIVEGIFT_BATCH_MS": "0"}
+        {
+            "LIVEGIFT_SEND_BUFFER": "65536",
+            "LIVEGIFT_SOCKET_SNDBUF": "16384",
+            "LIVEGIFT_BATCH_MS": "0",
+        }
     )  # type: ignore[operator]
     room, _, _ = await stream(server)
     # A raw socket that completes the handshake, then never reads.
@@ -362,10 +386,12 @@ async def test_slow_reader_is_closed_4008_and_others_keep_up(server_factory: obj
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     slow.connect(("127.0.0.1", server.port))
     slow.sendall(
-        (f"GET /ws/{room}?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-         "Sec-WebSocket-Version: 13\r\n\r\n").encode()
-    )  # fmt: skip
+        (
+            f"GET /ws/{room}?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     fast = await Client.open(server.ws(room, server.token(uid())))
     await fast.next()
     gifters = [await viewer(server, coins_package="p6607", name="N" * 64) for _ in range(3)]

@@ -36,8 +36,10 @@ def _page(name: str) -> Any:
 
 
 async def index(request: Request) -> Response:
-    return RedirectResponse("/static/index.html") if (WEB / "index.html").exists() else (
-        JSONResponse({"service": "livegift", "docs": "see README.md"})
+    return (
+        RedirectResponse("/static/index.html")
+        if (WEB / "index.html").exists()
+        else (JSONResponse({"service": "livegift", "docs": "see README.md"}))
     )
 
 

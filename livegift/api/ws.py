@@ -59,7 +59,9 @@ async def _refuse(send: Send, status: int, code: str, message: str) -> None:
     await send({"type": "websocket.http.response.body", "body": body})
 
 
-async def websocket_endpoint(services: Services, scope: Scope, receive: Receive, send: Send) -> None:
+async def websocket_endpoint(
+    services: Services, scope: Scope, receive: Receive, send: Send
+) -> None:
     message = await receive()
     if message["type"] != "websocket.connect":
         return
@@ -74,7 +76,9 @@ async def websocket_endpoint(services: Services, scope: Scope, receive: Receive,
     offered = [p.strip() for p in (_header(scope, b"sec-websocket-protocol") or "").split(",")]
     codec = choose_codec([p for p in offered if p])
     if codec is None:
-        await _refuse(send, 400, "bad_request", "subprotocol must be livegift.json or livegift.msgpack")
+        await _refuse(
+            send, 400, "bad_request", "subprotocol must be livegift.json or livegift.msgpack"
+        )
         return
     since: int | None = None
     if "since" in query:
@@ -106,7 +110,7 @@ async def websocket_endpoint(services: Services, scope: Scope, receive: Receive,
         )
     else:
         sink = QueueSink(send, codec, settings.send_buffer_limit)
-    sink.on_slow = services.hub.slow  # type: ignore[misc]
+    sink.on_slow = services.hub.slow
     member = Member(user.id, sink)
     session = Session(user, room, codec, services.ledger, services.catalog, settings.max_bad_frames)
     creator = {"id": info["creator"], "name": info.get("creator_name", info["creator"])}

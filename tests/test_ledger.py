@@ -1,0 +1,152 @@
+"""The ledger's Lua scripts against a real Redis: payouts, entries, reconcile."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+import redis as sync_redis
+from redis.asyncio import Redis
+
+from livegift import auth, keys
+from livegift.auth import User
+from livegift.catalog import default_catalog
+from livegift.config import Settings
+from livegift.errors import (
+    BelowMinimum,
+    IdempotencyConflict,
+    InsufficientFunds,
+    PayoutLimit,
+    StreamNotLive,
+)
+from livegift.ledger import Ledger
+from livegift.money import payout_split
+from livegift.reconcile import reconcile
+from tests.conftest import PAYMENT_SECRET, ROOT, SECRET, uid
+
+SETTINGS = Settings(secret=SECRET, payment_secret=PAYMENT_SECRET, gift_rate=1000, gift_burst=1000)
+
+
+def db_url(redis_url: str, db: int) -> str:
+    return redis_url.rsplit("/", 1)[0] + f"/{db}"
+
+
+@pytest.fixture
+async def ledger(redis_url: str) -> AsyncIterator[Ledger]:
+    client = Redis.from_url(db_url(redis_url, 5))
+    await client.flushdb()
+    yield Ledger(client, SETTINGS, default_catalog())
+    await client.aclose()
+
+
+async def buy(ledger: Ledger, user: User, package: str = "p6607") -> None:
+    token = auth.mint_receipt(PAYMENT_SECRET, ledger.catalog, user.id, package)
+    await ledger.recharge(auth.verify_receipt(PAYMENT_SECRET, ledger.catalog, token, user))
+
+
+async def test_gift_to_ended_stream_is_stream_not_live(ledger: Ledger) -> None:
+    creator, fan = User(uid("c"), "C"), User(uid("f"), "F")
+    room, _ = await ledger.start_stream(creator, "t")
+    await buy(ledger, fan)
+    rose = ledger.catalog.gift("rose")
+    assert (await ledger.gift(fan, room, "a", rose, 1, adult=True)).seq == 1
+    await ledger.end_stream(creator, room)
+    with pytest.raises(StreamNotLive):
+        await ledger.gift(fan, room, "b", rose, 1, adult=True)
+    with pytest.raises(StreamNotLive):
+        await ledger.gift(fan, "never-existed", "c", rose, 1, adult=True)
+    assert await ledger.wallet(fan.id) == (6606, 0)
+
+
+async def test_payouts_math_limits_idempotency_and_settlement(ledger: Ledger) -> None:
+    creator, fan = User(uid("c"), "C"), User(uid("f"), "F")
+    room, _ = await ledger.start_stream(creator, "t")
+    for _ in range(11):
+        await buy(ledger, fan)
+    universe = ledger.catalog.gift("universe")
+    await ledger.gift(fan, room, "big", universe, 2, adult=True)  # 69,998 diamonds
+    split = payout_split(2001, SETTINGS.commission_bps)
+    p1, replayed = await ledger.create_payout(creator, "po_1", split, "fp1", "key-1")
+    assert (p1["gross"], p1["net"], p1["commission"], p1["status"]) == (2001, 1000, 1001, "pending")
+    assert not replayed
+    again, replayed = await ledger.create_payout(creator, "po_1b", split, "fp1", "key-1")
+    assert replayed and again == p1
+    with pytest.raises(IdempotencyConflict):
+        await ledger.create_payout(creator, "po_1c", payout_split(3000, 5000), "fp2", "key-1")
+    with pytest.raises(BelowMinimum):
+        await ledger.create_payout(creator, "po_2", payout_split(999, 5000), "fp3", "key-2")
+    with pytest.raises(InsufficientFunds):
+        await ledger.create_payout(creator, "po_3", payout_split(10**6, 5000), "fp4", "key-3")
+    assert await ledger.wallet(creator.id) == (0, 69998 - 2001)
+    await ledger.settle_payout("po_1", "failed")
+    assert await ledger.wallet(creator.id) == (0, 69998)
+    assert (await ledger.payouts(creator.id))[0]["status"] == "failed"
+    # The daily cap is on net cents: 100,000 net needs 200,000 gross at 50 %.
+    cap_settings = Settings(
+        secret=SECRET, payment_secret=PAYMENT_SECRET, payout_daily_cap_cents=20_000
+    )
+    capped = Ledger(ledger.redis, cap_settings, ledger.catalog)
+    await capped.create_payout(creator, "po_4", payout_split(30_000, 5000), "fp5", "key-4")
+    with pytest.raises(PayoutLimit):
+        await capped.create_payout(creator, "po_5", payout_split(12_000, 5000), "fp6", "key-5")
+    paid = await capped.settle_payout("po_4", "paid")
+    assert paid["status"] == "paid"
+    report = reconcile(sync_redis.Redis.from_url(db_url_of(ledger)), progress=None)
+    assert report.ok, report.render()
+    assert report.held == 30_000
+
+
+def db_url_of(ledger: Ledger) -> str:
+    kw = ledger.redis.connection_pool.connection_kwargs
+    return f"redis://{kw['host']}:{kw['port']}/{kw['db']}"
+
+
+async def test_transactions_newest_first_with_cursor(ledger: Ledger) -> None:
+    creator, fan = User(uid("c"), "C"), User(uid("f"), "F")
+    room, _ = await ledger.start_stream(creator, "t")
+    await buy(ledger, fan, "p330")
+    rose = ledger.catalog.gift("rose")
+    for i in range(5):
+        await ledger.gift(fan, room, f"r{i}", rose, 1, adult=True)
+    page, cursor = await ledger.transactions(fan.id, 4, None)
+    assert [e["kind"] for e in page] == ["gift_debit"] * 4
+    assert [e["balance"] for e in page] == [325, 326, 327, 328]
+    rest, end = await ledger.transactions(fan.id, 4, cursor)
+    assert [e["kind"] for e in rest] == ["gift_debit", "purchase"] and end is None
+    assert rest[-1]["amount"] == 330 and rest[-1]["counterparty"] == "store"
+    credits, _ = await ledger.transactions(creator.id, 10, None)
+    assert {e["kind"] for e in credits} == {"gift_credit"} and credits[0]["counterparty"] == fan.id
+
+
+async def test_reconcile_names_the_account_that_differs(ledger: Ledger, redis_url: str) -> None:
+    fan = User(uid("f"), "F")
+    await buy(ledger, fan, "p65")
+    url = db_url_of(ledger)
+    assert reconcile(sync_redis.Redis.from_url(url), progress=None).ok
+    await ledger.redis.hincrby(keys.wallet(fan.id), "coins", 5)  # tamper outside a script
+    report = reconcile(sync_redis.Redis.from_url(url), progress=None)
+    assert not report.ok
+    assert any(fan.id in p for p in report.problems)
+    cli = subprocess.run(
+        [sys.executable, "-m", "livegift", "reconcile", "--quiet"],
+        env={"REDIS_URL": url, "PATH": ""},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 1 and fan.id in cli.stdout
+
+
+def test_reconcile_holds_on_the_shared_test_database(redis_url: str) -> None:
+    cli = subprocess.run(
+        [sys.executable, "-m", "livegift", "reconcile", "--quiet"],
+        env={"REDIS_URL": redis_url, "PATH": ""},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
