@@ -48,6 +48,8 @@ class TransportSink:
     def __init__(self, proto: Any, codec: Codec, limit: int, sndbuf: int = 0) -> None:
         self._proto = proto
         self._transport: asyncio.Transport = proto.transport
+        # The handshake is over: uvicorn no longer needs its parsed request and response.
+        proto.request = proto.response = None
         sock = self._transport.get_extra_info("socket")
         if sndbuf and sock is not None:
             with contextlib.suppress(OSError):

@@ -114,6 +114,7 @@ async def websocket_endpoint(
     member = Member(user.id, sink)
     session = Session(user, room, codec, services.ledger, services.catalog, settings.max_bad_frames)
     creator = {"id": info["creator"], "name": info.get("creator_name", info["creator"])}
+    del info, query, offered
 
     def welcome(seq: int, viewers: int) -> dict[str, Any]:
         return {

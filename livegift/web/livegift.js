@@ -55,7 +55,8 @@
   /**
    * Build an element. Strings and numbers among the children become text nodes, so user
    * data is never parsed as HTML. attrs: {class, text, testid, dataset:{}, on:{event:fn},
-   * hidden, disabled, ...any other attribute}.
+   * vars:{"--css-var": value} (set through CSSOM, so a strict CSP allows it), hidden,
+   * disabled, ...any other attribute}.
    */
   function el(tag, attrs) {
     var node = document.createElement(tag);
@@ -68,7 +69,7 @@
       else if (key === "testid") node.setAttribute("data-testid", value);
       else if (key === "dataset") Object.keys(value).forEach(function (k) { node.dataset[k] = value[k]; });
       else if (key === "on") Object.keys(value).forEach(function (k) { node.addEventListener(k, value[k]); });
-      else if (key === "style") node.setAttribute("style", value);
+      else if (key === "vars") Object.keys(value).forEach(function (k) { node.style.setProperty(k, String(value[k])); });
       else if (value === true) node.setAttribute(key, "");
       else node.setAttribute(key, String(value));
     });
@@ -704,7 +705,7 @@
   function avatar(user) {
     user = user || {};
     return el("span", { class: "avatar", "aria-hidden": "true",
-      style: "--hue:" + hueOf(user.id) }, initial(user.name || user.id));
+      vars: { "--hue": hueOf(user.id) } }, initial(user.name || user.id));
   }
 
   function timeOf(ts) {

@@ -123,7 +123,7 @@
         $("stream-title").textContent = s.title;
         document.title = s.title + " \u00B7 Studio \u00B7 livegift";
       }
-      if (s.creator) $("room-id").textContent = (s.creator.name || s.creator.id) + " \u00B7 room " + ctx.room;
+      if (s.title && s.creator) $("room-id").textContent = (s.creator.name || s.creator.id) + " \u00B7 room " + ctx.room;
       if (s.live === false) markEnded();
     }, function (err) {
       snapshotAsked = false;

@@ -43,9 +43,11 @@
     });
   }
 
+  var balanceEpoch = 0;    // bumped by every ack/recharge, so a slower GET can't show an old balance
   function loadWallet() {
+    var epoch = balanceEpoch;
     return L.api("GET", "/api/wallet", undefined, ctx.token).then(function (w) {
-      setBalance(w.coins);
+      if (epoch === balanceEpoch) setBalance(w.coins);
     }, function (err) {
       say(L.errorText(err.code, err.message), "error");
     });
@@ -87,7 +89,7 @@
     }).then(function (r) {
       return L.api("POST", "/api/wallet/recharge", { receipt: r.receipt }, ctx.token);
     }).then(function (res) {
-      if (res.balance) setBalance(res.balance.coins);
+      if (res.balance) { balanceEpoch++; setBalance(res.balance.coins); }
       var added = res.transaction ? res.transaction.coins : null;
       say(added ? "Added " + L.fmt(added) + " coins to your balance." : "Recharge complete.", "success", 5000);
     }, function (err) {
@@ -126,7 +128,7 @@
     btn.classList.add("tapped");
     setTimeout(function () { btn.classList.remove("tapped"); }, 160);
     client.request({ op: "gift", req: L.newReq(), gift: gift.id, count: count }).then(function (ack) {
-      if (typeof ack.balance === "number") setBalance(ack.balance);
+      if (typeof ack.balance === "number") { balanceEpoch++; setBalance(ack.balance); }
       showCombo(gift, typeof ack.combo === "number" ? ack.combo : count);
       if (!messageNode.hidden && messageNode.dataset.kind === "error") say("", "info");
     }, function (err) {
@@ -170,10 +172,11 @@
 
   var feed = new L.Feed($("feed"), { tiers: tiers, max: 150 });
 
-  function markEnded() {
+  function markEnded(why) {
     if (ended) return;
     ended = true;
     Array.prototype.forEach.call(document.querySelectorAll(".gift-btn"), function (b) { b.disabled = true; });
+    if (why === "not_found") return;            // the status and message already say why
     feed.notice("The stream has ended. Thanks for watching!", "ended");
     L.showStatus(statusNode, "ended");
   }
@@ -223,7 +226,7 @@
       if (state === "ended") markEnded();
       if (state === "unauthorized" || state === "forbidden" || state === "not_found") {
         say(L.errorText(state), "error");
-        if (state === "not_found") markEnded();
+        if (state === "not_found") markEnded("not_found");
       }
       if (state === "live") loadWallet();       // balance may have changed while away
     }

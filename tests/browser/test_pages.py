@@ -8,6 +8,7 @@ tests/artifacts/screenshots/.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pathlib
 import re
@@ -20,7 +21,14 @@ from typing import Any
 import pytest
 
 playwright_api = pytest.importorskip("playwright.async_api")
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect  # noqa: E402
+from playwright.async_api import (  # noqa: E402
+    Browser,
+    BrowserContext,
+    Page,
+    ViewportSize,
+    async_playwright,
+    expect,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(60)]
 
@@ -35,8 +43,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SCREENSHOTS = pathlib.Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
-DESKTOP = {"width": 1280, "height": 820}
-PHONE = {"width": 375, "height": 812}
+DESKTOP: ViewportSize = {"width": 1280, "height": 820}
+PHONE: ViewportSize = {"width": 375, "height": 812}
 
 
 # ---------------------------------------------------------------- fixtures and helpers
@@ -90,16 +98,27 @@ class Pages:
         self.contexts: list[BrowserContext] = []
         self.errors: list[str] = []
 
-    async def open(self, kind: str, room: str, token: str, query: str = "",
-                   viewport: dict[str, int] | None = None, wait_live: bool = True) -> Page:
-        context = await self.browser.new_context(viewport=viewport or DESKTOP, device_scale_factor=1)
+    async def open(
+        self,
+        kind: str,
+        room: str,
+        token: str,
+        query: str = "",
+        viewport: ViewportSize | None = None,
+        wait_live: bool = True,
+    ) -> Page:
+        context = await self.browser.new_context(
+            viewport=viewport or DESKTOP, device_scale_factor=1
+        )
         self.contexts.append(context)
         page = await context.new_page()
         page.on("pageerror", lambda exc: self.errors.append(f"{kind}: {exc}"))
         url = f"{self.base_url}/{kind}/{room}?token={token}{'&' + query if query else ''}"
         await page.goto(url)
         if wait_live:
-            await expect(page.get_by_test_id("status")).to_have_attribute("data-state", "live", timeout=5000)
+            await expect(page.get_by_test_id("status")).to_have_attribute(
+                "data-state", "live", timeout=5000
+            )
         return page
 
     async def close(self) -> None:
@@ -126,11 +145,16 @@ async def record_alerts(overlay: Page) -> None:
     await overlay.evaluate(
         """() => {
             window.__alerts = [];
+            window.__alertTimes = [];
             window.__counts = [];
             const seen = new WeakSet();
             const scan = () => {
               document.querySelectorAll('[data-testid="alert"]').forEach(a => {
-                if (!seen.has(a)) { seen.add(a); window.__alerts.push(a.dataset.gift); }
+                if (!seen.has(a)) {
+                  seen.add(a);
+                  window.__alerts.push(a.dataset.gift);
+                  window.__alertTimes.push(performance.now());
+                }
               });
               document.querySelectorAll('[data-testid="alert-count"]').forEach(c => {
                 const last = window.__counts[window.__counts.length - 1];
@@ -149,6 +173,37 @@ async def no_horizontal_scroll(page: Page) -> None:
     assert width <= viewport, f"page is {width}px wide in a {viewport}px viewport"
 
 
+async def send_gifts(
+    server: Any, room: str, token: str, gifts: list[str], pause: float = 0.0
+) -> list[dict[str, Any]]:
+    """Send gifts over a plain WebSocket client (no browser) and return their acks."""
+    import websockets
+    from websockets.typing import Subprotocol
+
+    url = server.base_url.replace("http", "ws", 1) + f"/ws/{room}?token={token}"
+    acks = []
+    async with websockets.connect(url, subprotocols=[Subprotocol("livegift.json")]) as ws:
+
+        async def next_event(match: Any) -> dict[str, Any]:
+            while True:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                for event in frame if isinstance(frame, list) else [frame]:
+                    if match(event):
+                        return dict(event)
+
+        await next_event(lambda e: e.get("type") == "welcome")
+        for gift in gifts:
+            req = uuid.uuid4().hex
+            await ws.send(json.dumps({"op": "gift", "req": req, "gift": gift, "count": 1}))
+            ack = await next_event(
+                lambda e, req=req: e.get("type") == "ack" and e.get("req") == req
+            )
+            assert ack["ok"], ack
+            acks.append(ack)
+            await asyncio.sleep(pause)
+    return acks
+
+
 def shot(name: str) -> str:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     return str(SCREENSHOTS / name)
@@ -157,7 +212,9 @@ def shot(name: str) -> str:
 # ---------------------------------------------------------------- 1. gift reaches studio and overlay
 
 
-async def test_gift_from_watch_appears_on_studio_and_overlay_within_1s(pages: Pages, room: Room) -> None:
+async def test_gift_from_watch_appears_on_studio_and_overlay_within_1s(
+    pages: Pages, room: Room
+) -> None:
     studio = await pages.open("studio", room.room, room.creator_token)
     overlay = await pages.open("overlay", room.room, room.creator_token)
     watch = await pages.open("watch", room.room, room.viewer_token)
@@ -176,13 +233,15 @@ async def test_gift_from_watch_appears_on_studio_and_overlay_within_1s(pages: Pa
 
     await expect(studio_row).to_contain_text("Corgi")
     await expect(alert).to_contain_text("Corgi")
-    await expect(alert).to_have_attribute("data-tier", "2")          # 299 coins: 100..999
+    await expect(alert).to_have_attribute("data-tier", "2")  # 299 coins: 100..999
     await expect(studio.get_by_test_id("total-coins")).to_have_text("299")
     await expect(studio.get_by_test_id("total-diamonds")).to_have_text("299")
     await expect(studio.get_by_test_id("total-gifts")).to_have_text("1")
     await expect(studio.get_by_test_id("top-gifters")).to_contain_text("Alice")
     await expect(watch.get_by_test_id("balance")).to_have_text("1,022")
-    await expect(watch.locator('[data-testid="feed-item"][data-type="gift"]').first).to_contain_text("Corgi")
+    await expect(
+        watch.locator('[data-testid="feed-item"][data-type="gift"]').first
+    ).to_contain_text("Corgi")
 
 
 # ---------------------------------------------------------------- 2. combo: one alert, one row, counting up
@@ -229,7 +288,7 @@ async def test_combo_is_one_alert_and_one_studio_row_counting_up(pages: Pages, r
 async def test_shoutout_from_studio_appears_on_watch_page(pages: Pages, room: Room) -> None:
     server = room.server
     other = uid("teen")
-    other_token = server.token(other, name="Sam", birthdate=None)        # not an adult
+    other_token = server.token(other, name="Sam", birthdate=None)  # not an adult
     studio = await pages.open("studio", room.room, room.creator_token)
     watch = await pages.open("watch", room.room, room.viewer_token)
     bystander = await pages.open("watch", room.room, other_token)
@@ -254,28 +313,48 @@ async def test_shoutout_from_studio_appears_on_watch_page(pages: Pages, room: Ro
 
     # The non-adult bystander gets a clear message when trying to gift.
     await bystander.get_by_test_id("gift-btn-rose").click()
-    await expect(bystander.get_by_test_id("message")).to_have_text("You must be 18 or older to send gifts.")
+    await expect(bystander.get_by_test_id("message")).to_have_text(
+        "You must be 18 or older to send gifts."
+    )
 
 
 # ---------------------------------------------------------------- 4. overlay ?min= filter
 
 
 async def test_overlay_min_filter_hides_small_gifts(pages: Pages, room: Room) -> None:
-    overlay = await pages.open("overlay", room.room, room.creator_token, "min=100&duration=1500&gap=100")
+    overlay = await pages.open(
+        "overlay",
+        room.room,
+        room.creator_token,
+        "min=100&duration=1500&gap=400&tiers=50,200,5000",
+    )
     studio = await pages.open("studio", room.room, room.creator_token)
     watch = await pages.open("watch", room.room, room.viewer_token)
     await record_alerts(overlay)
 
-    await watch.get_by_test_id("gift-btn-rose").click()                 # 1 coin: filtered
+    await watch.get_by_test_id("gift-btn-rose").click()  # 1 coin: filtered
     await expect((await gift_rows(studio)).first).to_contain_text("Rose")
-    await watch.get_by_test_id("gift-btn-hand_hearts").click()          # 100 coins: shown
-    await expect(overlay.get_by_test_id("alert").first).to_contain_text("Hand Hearts")
-    await expect(await gift_rows(studio)).to_have_count(2)               # the studio shows both
-    await asyncio.sleep(0.3)
-    assert await overlay.evaluate("() => window.__alerts") == ["hand_hearts"]
+    await watch.get_by_test_id("gift-btn-hand_hearts").click()  # 100 coins: shown
+    first = overlay.locator('[data-testid="alert"][data-state="showing"]')
+    await expect(first).to_contain_text("Hand Hearts")
+    await expect(first).to_have_attribute("data-tier", "2")  # ?tiers=50,200,5000
+    await expect(await gift_rows(studio)).to_have_count(2)  # the studio shows both
 
-    # The alert goes away after ?duration= and the next one waits for ?gap=.
-    await expect(overlay.get_by_test_id("alert")).to_have_count(0, timeout=3000)
+    # A second alert waits in the queue while the first one shows.
+    await watch.get_by_test_id("gift-btn-corgi").click()
+    await overlay.wait_for_function("() => window.overlay.queueLength() === 1")
+    await expect(first).to_contain_text("Hand Hearts")
+    await expect(first).to_have_count(1)
+
+    # ... and shows ?duration= + ?gap= later, with its own tier.
+    await expect(first).to_contain_text("Corgi", timeout=4000)
+    await expect(first).to_have_attribute("data-tier", "3")
+    assert await overlay.evaluate("() => window.__alerts") == ["hand_hearts", "corgi"]
+    times = await overlay.evaluate("() => window.__alertTimes")
+    assert times[1] - times[0] >= 1500 + 400 - 50, times
+
+    # The last alert goes away after ?duration=.
+    await expect(overlay.get_by_test_id("alert")).to_have_count(0, timeout=4000)
 
 
 # ---------------------------------------------------------------- 5. screenshots (desktop and phone)
@@ -293,30 +372,33 @@ async def test_screenshots_of_each_page(pages: Pages, room: Room) -> None:
         fan_tokens.append(token)
 
     studio = await pages.open("studio", room.room, room.creator_token)
-    overlay = await pages.open("overlay", room.room, room.creator_token,
-                               "goal=50000&goal_title=Road%20to%20the%20Universe&duration=60000")
+    overlay = await pages.open(
+        "overlay",
+        room.room,
+        room.creator_token,
+        "goal=50000&goal_title=Road%20to%20the%20Universe&duration=60000",
+    )
     watch = await pages.open("watch", room.room, room.viewer_token)
-    fan_pages = [await pages.open("watch", room.room, t, wait_live=False) for t in fan_tokens]
-    for fan in fan_pages:
-        await expect(fan.get_by_test_id("status")).to_have_attribute("data-state", "live")
 
-    await fan_pages[0].get_by_test_id("gift-btn-lion").click()         # tier 4
-    await fan_pages[1].get_by_test_id("gift-btn-galaxy").click()       # tier 3
-    await fan_pages[2].get_by_test_id("gift-btn-corgi").click()        # tier 2
+    bo, chen, dana = fan_tokens
+    await send_gifts(server, room.room, bo, ["lion"])  # tier 4
+    await send_gifts(server, room.room, chen, ["galaxy"])  # tier 3
+    await send_gifts(server, room.room, dana, ["corgi"])  # tier 2
     for _ in range(3):
-        await watch.get_by_test_id("gift-btn-donut").click()            # a x3 streak
+        await watch.get_by_test_id("gift-btn-donut").click()  # a x3 streak from the page
         await asyncio.sleep(0.1)
-    for _ in range(7):
-        await fan_pages[2].get_by_test_id("gift-btn-rose").click()
-        await asyncio.sleep(0.08)
+    await send_gifts(server, room.room, dana, ["rose"] * 7, pause=0.05)  # a x7 streak
     await expect(await gift_rows(studio)).to_have_count(5)
     await expect(studio.get_by_test_id("total-coins")).to_have_text("31,395")
     await (await gift_rows(studio)).filter(has_text="Alice").get_by_test_id("shoutout-btn").click()
-    await expect(watch.locator('[data-type="shoutout"]')).to_have_count(1)
+    # (the server may add automatic shout-outs for big gifts)
+    await expect(
+        watch.locator('[data-type="shoutout"]', has_text="Thank you Alice!")
+    ).to_have_count(1)
     await expect(studio.get_by_test_id("top-gifters").get_by_test_id("gifter")).to_have_count(4)
     await expect(overlay.get_by_test_id("goal-bar")).to_have_attribute("data-value", "31395")
     await expect(watch.get_by_test_id("combo-box").get_by_test_id("combo")).to_have_text("x3")
-    await asyncio.sleep(0.8)                                          # let entrance animations settle
+    await asyncio.sleep(0.8)  # let entrance animations settle
 
     await studio.screenshot(path=shot("studio.png"))
     await overlay.screenshot(path=shot("overlay.png"), omit_background=True)
@@ -349,7 +431,9 @@ async def test_screenshots_of_each_page(pages: Pages, room: Room) -> None:
 # ---------------------------------------------------------------- extra: resume without loss
 
 
-async def test_studio_reconnects_and_resumes_without_losing_or_duplicating(pages: Pages, room: Room) -> None:
+async def test_studio_reconnects_and_resumes_without_losing_or_duplicating(
+    pages: Pages, room: Room
+) -> None:
     studio = await pages.open("studio", room.room, room.creator_token)
     watch = await pages.open("watch", room.room, room.viewer_token)
     await watch.get_by_test_id("gift-btn-perfume").click()
@@ -362,14 +446,16 @@ async def test_studio_reconnects_and_resumes_without_losing_or_duplicating(pages
         await expect(watch.get_by_test_id("combo-box")).to_have_attribute("data-gift", gift)
     # All three were sent while the studio was away.
     await expect(studio.get_by_test_id("status")).to_have_attribute("data-state", "reconnecting")
-    await expect(studio.get_by_test_id("status")).to_have_attribute("data-state", "live", timeout=8000)
+    await expect(studio.get_by_test_id("status")).to_have_attribute(
+        "data-state", "live", timeout=8000
+    )
 
     rows = await gift_rows(studio)
     await expect(rows).to_have_count(4)
     seqs = await rows.evaluate_all("rows => rows.map(r => Number(r.dataset.seq))")
     assert len(set(seqs)) == 4 and seqs == sorted(seqs, reverse=True), seqs
     await expect(studio.get_by_test_id("total-gifts")).to_have_text("4")
-    await expect(studio.get_by_test_id("total-coins")).to_have_text("424")      # 20 + 100 + 299 + 5
+    await expect(studio.get_by_test_id("total-coins")).to_have_text("424")  # 20 + 100 + 299 + 5
     stats = await studio.evaluate("() => window.studio.client.stats")
     assert stats["connects"] == 2, stats
 
@@ -377,7 +463,48 @@ async def test_studio_reconnects_and_resumes_without_losing_or_duplicating(pages
 # ---------------------------------------------------------------- extra: escaping, keyboard, errors, end
 
 
-async def test_user_text_is_escaped_and_pages_are_keyboard_operable(pages: Pages, room: Room) -> None:
+async def test_watch_recharge_button_and_taps_while_reconnecting(
+    pages: Pages, live_server: Any
+) -> None:
+    viewer = uid("fan")
+    creator = uid("creator")
+    creator_token = live_server.token(creator, name="Nova")
+    token = live_server.token(viewer, name="Fan")
+    room_id = live_server.create_stream(creator_token)
+    studio = await pages.open("studio", room_id, creator_token)
+    watch = await pages.open("watch", room_id, token)
+    await expect(watch.get_by_test_id("balance")).to_have_text("0")
+
+    # No coins yet: a clear message, nothing charged.
+    await watch.get_by_test_id("gift-btn-rose").click()
+    await expect(watch.get_by_test_id("message")).to_contain_text("Not enough coins")
+
+    # Recharge through the page (development receipts).
+    await watch.get_by_label("Coin package").select_option("p330")
+    await watch.get_by_test_id("recharge").click()
+    await expect(watch.get_by_test_id("balance")).to_have_text("330")
+    await expect(watch.get_by_test_id("message")).to_have_text("Added 330 coins to your balance.")
+    assert live_server.get("/api/wallet", token).json()["coins"] == 330
+
+    # Taps made while the socket is down are sent after the reconnect, each charged once.
+    await watch.evaluate("() => window.watch.client.drop(1500)")
+    await expect(watch.get_by_test_id("status")).to_have_attribute("data-state", "reconnecting")
+    await watch.get_by_test_id("gift-btn-perfume").click()
+    await watch.get_by_test_id("gift-btn-perfume").click()
+    await expect(watch.get_by_test_id("status")).to_have_attribute(
+        "data-state", "live", timeout=8000
+    )
+    await expect(watch.get_by_test_id("balance")).to_have_text("290")
+    await expect(watch.get_by_test_id("combo-box").get_by_test_id("combo")).to_have_text("x2")
+    rows = await gift_rows(studio)
+    await expect(rows).to_have_count(1)
+    await expect(rows.first.get_by_test_id("combo")).to_have_text("x2")
+    assert live_server.get("/api/wallet", token).json()["coins"] == 290
+
+
+async def test_user_text_is_escaped_and_pages_are_keyboard_operable(
+    pages: Pages, room: Room
+) -> None:
     server = room.server
     evil = uid("evil")
     evil_name = '<img src=x onerror="window.__pwned=1">Eve'
@@ -424,8 +551,76 @@ async def test_end_stream_button_ends_the_stream_everywhere(pages: Pages, room: 
     await end.click()
     await expect(end).to_have_text("Confirm: end stream")
     await end.click()
-    await expect(studio.get_by_test_id("status")).to_have_attribute("data-state", "ended", timeout=3000)
-    await expect(watch.get_by_test_id("status")).to_have_attribute("data-state", "ended", timeout=3000)
+    await expect(studio.get_by_test_id("status")).to_have_attribute(
+        "data-state", "ended", timeout=3000
+    )
+    await expect(watch.get_by_test_id("status")).to_have_attribute(
+        "data-state", "ended", timeout=3000
+    )
     await expect(watch.get_by_test_id("gift-btn-rose")).to_be_disabled()
     body = room.server.get(f"/api/streams/{room.room}").json()
     assert body["live"] is False
+
+
+async def test_pages_explain_a_bad_token_or_an_unknown_room(pages: Pages, room: Room) -> None:
+    expired = room.server.token(uid("late"), ttl=-60)
+    studio = await pages.open("studio", room.room, expired, wait_live=False)
+    await expect(studio.get_by_test_id("status")).to_have_attribute(
+        "data-state", "unauthorized", timeout=8000
+    )
+    await expect(studio.get_by_test_id("message")).to_contain_text("expired")
+
+    watch = await pages.open("watch", "no-such-room", room.viewer_token, wait_live=False)
+    await expect(watch.get_by_test_id("status")).to_have_attribute(
+        "data-state", "not_found", timeout=8000
+    )
+    await expect(watch.get_by_test_id("message")).to_contain_text("doesn't exist or has ended")
+
+
+async def test_pages_work_under_a_strict_content_security_policy(room: Room) -> None:
+    """No inline scripts or styles: the pages run under default-src 'self'."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"chromium not found at {CHROMIUM}")
+    csp = "default-src 'self'; connect-src 'self' ws: wss:"
+    violations: list[str] = []
+
+    async def add_csp(route: Any) -> None:
+        response = await route.fetch()
+        headers = {**response.headers, "content-security-policy": csp}
+        await route.fulfill(response=response, headers=headers)
+
+    # Chromium treats a document fulfilled by Playwright as public, and its local network
+    # access checks would then block the page's WebSocket to 127.0.0.1.
+    args = [*CHROMIUM_ARGS, "--disable-features=LocalNetworkAccessChecks"]
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
+        try:
+            context = await browser.new_context(viewport=DESKTOP)
+            await context.route(re.compile(r"/(studio|overlay|watch)/"), add_csp)
+            opened = []
+            for kind, token in (
+                ("studio", room.creator_token),
+                ("overlay", room.creator_token),
+                ("watch", room.viewer_token),
+            ):
+                page = await context.new_page()
+                page.on(
+                    "console",
+                    lambda msg: (
+                        violations.append(msg.text)
+                        if "Content Security Policy" in msg.text
+                        else None
+                    ),
+                )
+                url = f"{room.server.base_url}/{kind}/{room.room}?token={token}&goal=100"
+                await page.goto(url)
+                await expect(page.get_by_test_id("status")).to_have_attribute("data-state", "live")
+                opened.append(page)
+            studio, overlay, watch = opened
+            await watch.get_by_test_id("gift-btn-donut").click()
+            await expect((await gift_rows(studio)).first).to_contain_text("Doughnut")
+            await expect(overlay.get_by_test_id("alert")).to_contain_text("Doughnut")
+            await expect(overlay.get_by_test_id("goal-bar")).to_have_attribute("data-value", "30")
+            assert violations == [], violations
+        finally:
+            await browser.close()
