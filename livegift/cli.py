@@ -74,7 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 asyncio.run(_seed_and_print(settings, args, bots=False))
             uvicorn.run("livegift.api.app:create_app", factory=True, workers=args.workers, **common)
         else:
-            asyncio.run(_serve_one(settings, args, common))
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                runner.run(_serve_one(settings, args, common))
     except KeyboardInterrupt:
         pass
     finally:
@@ -82,6 +83,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("livegift: stopping the data store")
             embedded.stop()
     return 0
+
+
+def _loop_factory() -> Any:
+    """uvloop when installed (uvicorn's own loop setting only applies to uvicorn.run)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _seed_and_print(settings: Settings, args: argparse.Namespace, bots: bool) -> Any:

@@ -51,6 +51,8 @@ class Settings:
     dev_mode: bool = True
     # Fan-out: events for a room are gathered for this many ms, then written in one frame.
     batch_ms: int = 10
+    # Large rooms widen their window up to this, so frames carry more events per write.
+    max_batch_ms: int = 100
     # A socket whose unsent bytes pass this bound is closed with 4008.
     send_buffer_limit: int = 1 << 20
     # Kernel send buffer per WebSocket (SO_SNDBUF); fixed so that a stalled reader is
@@ -92,6 +94,7 @@ class Settings:
             data_dir=Path(env.get("LIVEGIFT_DATA_DIR") or ".livegift"),
             dev_mode=_bool(env, "LIVEGIFT_DEV", True),
             batch_ms=_int(env, "LIVEGIFT_BATCH_MS", 10),
+            max_batch_ms=_int(env, "LIVEGIFT_MAX_BATCH_MS", 100),
             send_buffer_limit=_int(env, "LIVEGIFT_SEND_BUFFER", 1 << 20, minimum=4096),
             socket_sndbuf=_int(env, "LIVEGIFT_SOCKET_SNDBUF", 256 * 1024),
             redis_max_connections=_int(env, "LIVEGIFT_REDIS_CONNECTIONS", 64, minimum=2),

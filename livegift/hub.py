@@ -61,8 +61,12 @@ class Member:
         self.backlog: list[bytes] | None = None
 
 
+Writer = Callable[[bytes], None]
+
+
 class Room:
     __slots__ = (
+        "catching",
         "early",
         "ended",
         "filling",
@@ -74,17 +78,22 @@ class Room:
         "last_seq",
         "last_top",
         "linger",
-        "members",
         "pending",
         "ready",
         "stash",
         "top_dirty",
         "viewers",
+        "window",
+        "writers",
     )
 
     def __init__(self, room_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.id = room_id
-        self.members: dict[Codec, set[Member]] = {JSON: set(), MSGPACK: set()}
+        # Live members by codec, each with the callable that writes one frame to it.
+        self.writers: dict[Codec, dict[Member, Writer]] = {JSON: {}, MSGPACK: {}}
+        # Members still replaying history on resume: live events wait in their backlog.
+        self.catching: set[Member] = set()
+        self.window = 0.0
         self.pending: list[bytes] = []
         self.first_pending = 0.0
         self.handle: asyncio.TimerHandle | asyncio.Handle | None = None
@@ -102,7 +111,14 @@ class Room:
         self.viewers = -1
 
     def count(self) -> int:
-        return len(self.members[JSON]) + len(self.members[MSGPACK])
+        return len(self.writers[JSON]) + len(self.writers[MSGPACK]) + len(self.catching)
+
+    def members(self) -> list[Member]:
+        return [*self.writers[JSON], *self.writers[MSGPACK], *self.catching]
+
+    def detach(self, member: Member) -> None:
+        """Stop writing to a member (its socket is closing); it still counts until it leaves."""
+        self.writers[member.sink.codec].pop(member, None)
 
 
 class Hub:
@@ -111,10 +127,12 @@ class Hub:
         broker_factory: Callable[[Callable[[str, bytes], None], Callable[[], None]], Broker],
         *,
         batch_ms: int,
+        max_batch_ms: int = 100,
         linger_s: float = 1.0,
     ) -> None:
         self.broker = broker_factory(self.on_message, self.on_reconnect)
         self.batch_s = batch_ms / 1000
+        self.max_batch_s = max(max_batch_ms, batch_ms) / 1000
         self.linger_s = linger_s
         self.rooms: dict[str, Room] = {}
         self.process_id = f"{os.uname().nodename}:{os.getpid()}"
@@ -138,9 +156,8 @@ class Hub:
 
     def drain(self, code: int = 1013, reason: str = "server shutting down") -> None:
         for room in self.rooms.values():
-            for members in room.members.values():
-                for member in members:
-                    member.sink.close(code, reason)
+            for member in room.members():
+                member.sink.close(code, reason)
 
     # -- membership ----------------------------------------------------------------------
 
@@ -186,14 +203,17 @@ class Hub:
         head = room.flushed_seq
         viewers = max(room.viewers, room.count() + 1)
         sink.write(sink.codec.frame(sink.codec.encode(welcome(head, viewers))))
-        room.members[sink.codec].add(member)
+        sink.on_close = lambda: room.detach(member)
         if since is None:
+            room.writers[sink.codec][member] = sink.writer
             return
         member.backlog = []
+        room.catching.add(member)
         try:
             replay = await self.broker.history(room_id, since, head) if since < head else []
         except BaseException:
             member.backlog = None
+            room.catching.discard(member)
             raise
         complete = since >= head or (bool(replay) and event_seq(replay[0]) == since + 1)
         if replay:
@@ -201,14 +221,20 @@ class Hub:
         resumed = {"type": "resumed", "from": since + 1, "to": head, "complete": complete}
         sink.write(sink.codec.frame(sink.codec.encode(resumed)))
         backlog, member.backlog = member.backlog, None
+        room.catching.discard(member)
         if backlog:
             sink.write(encode_events(sink.codec, backlog))
+        if room.ended:
+            sink.close(1000, "stream ended")
+        elif not sink.closed:
+            room.writers[sink.codec][member] = sink.writer
 
     def leave(self, room_id: str, member: Member) -> None:
         room = self.rooms.get(room_id)
         if room is None:
             return
-        room.members[member.sink.codec].discard(member)
+        room.writers[member.sink.codec].pop(member, None)
+        room.catching.discard(member)
         if room.count() == 0 and room.joining == 0 and room.linger is None:
             room.linger = self._loop.call_later(self.linger_s, self._drop, room)
 
@@ -305,8 +331,9 @@ class Hub:
         if not room.pending:
             room.first_pending = time.perf_counter()
             if room.handle is None:
-                if self.batch_s > 0:
-                    room.handle = self._loop.call_later(self.batch_s, self._flush, room)
+                window = max(self.batch_s, room.window)
+                if window > 0:
+                    room.handle = self._loop.call_later(window, self._flush, room)
                 else:
                     room.handle = self._loop.call_soon(self._flush, room)
         room.pending.append(data)
@@ -314,33 +341,37 @@ class Hub:
     # -- events out ----------------------------------------------------------------------
 
     def _flush(self, room: Room) -> None:
+        """Write the room's pending events: one frame per codec, the same bytes to all.
+
+        The next window adapts to the room's size: at least twice what this write loop
+        took, so a huge room batches more per frame instead of starving everything else.
+        """
         room.handle = None
         events = room.pending
         if not events:
             return
+        started = time.perf_counter()
         room.pending = []
         room.flushed_seq = room.last_seq
         delivered = 0
-        for codec, members in room.members.items():
-            if not members:
-                continue
-            frame: bytes | None = None
-            for member in members:
-                if member.backlog is not None:
-                    member.backlog.extend(events)
-                    continue
-                if frame is None:
-                    frame = encode_events(codec, events)
-                member.sink.write(frame)
-            delivered += len(members)
+        for codec, writers in room.writers.items():
+            if writers:
+                frame = encode_events(codec, events)
+                for write in writers.values():
+                    write(frame)
+                delivered += len(writers)
+        for member in room.catching:
+            if member.backlog is not None:
+                member.backlog.extend(events)
+        done = time.perf_counter()
+        room.window = min(self.max_batch_s, 2 * (done - started))
         DELIVERIES.inc(delivered * len(events))
         FANOUT_BATCH.observe(len(events))
-        FANOUT_LATENCY.observe(time.perf_counter() - room.first_pending)
+        FANOUT_LATENCY.observe(done - room.first_pending)
         if room.ended:
-            for members in room.members.values():
-                for member in members:
-                    if member.backlog is None:
-                        member.sink.close(1000, "stream ended")
+            for writers in room.writers.values():
+                for member in list(writers):
+                    member.sink.close(1000, "stream ended")
 
     def slow(self) -> None:
         SLOW_CLOSES.inc()

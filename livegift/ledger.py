@@ -122,11 +122,21 @@ class Ledger:
     # -- gifts ---------------------------------------------------------------------------
 
     async def gift(
-        self, user: User, room: str, req: str, gift: Gift, count: int, *, adult: bool
+        self,
+        user: User,
+        room: str,
+        req: str,
+        gift: Gift,
+        count: int,
+        *,
+        adult: bool,
+        creator: str | None = None,
     ) -> GiftOutcome:
+        """Send a gift. ``creator`` is the room's creator when the caller knows it (a room's
+        creator never changes); the script checks it against the room either way."""
         s = self.settings
-        room_info = await self.room_creator(room)
-        creator = room_info or "-"
+        if creator is None:
+            creator = await self.room_creator(room) or "-"
         shout = s.auto_shoutout_template.format(name=user.name, gift=gift.name, count=count)
         raw = await self._call(
             "gift",
@@ -166,6 +176,7 @@ class Ledger:
                 s.history_len,
                 s.history_seconds * 1000,
                 keys.channel(room),
+                creator,
             ],
         )
         data = orjson.loads(raw)
@@ -249,7 +260,15 @@ class Ledger:
     async def transactions(
         self, user: str, limit: int, cursor: int | None
     ) -> tuple[list[dict[str, Any]], int | None]:
-        """The account's entries, newest first; pass the returned cursor for older ones."""
+        """The account's entries, newest first; pass the returned cursor for older ones.
+
+        Each entry: ``id`` (ledger-wide, increasing), ``ts`` (server ms), ``kind``
+        (purchase, gift_debit, gift_credit, payout, payout_reversal), ``account``,
+        ``asset`` (coins or diamonds), ``amount`` (signed), ``balance_after`` (the
+        account's balance in that asset right after the entry), ``counterparty``,
+        ``reference`` (the store txn, gift req or payout id) and ``room`` (gifts only).
+        The cursor is the id of the last entry returned; None when there is no more.
+        """
         top = f"({cursor}" if cursor is not None else "+inf"
         try:
             rows = await self.redis.zrevrangebyscore(
@@ -359,7 +378,7 @@ async def _entries(redis: Redis, sids: list[bytes]) -> list[dict[str, Any]]:
                 "account": f["account"],
                 "asset": f["asset"],
                 "amount": int(f["amount"]),
-                "balance": int(f["balance"]),
+                "balance_after": int(f["balance"]),
                 "counterparty": f["counterparty"],
                 "reference": f["ref"],
                 "room": f["room"] or None,

@@ -1,4 +1,11 @@
-"""Cash-out requests: input checks, the integer split and idempotency fingerprints."""
+"""Cash-out requests: input checks, the integer split and idempotency fingerprints.
+
+``POST /api/payouts`` with ``{"diamonds": N}`` and an optional ``Idempotency-Key``. The
+key is scoped to the caller and kept 48 hours with a fingerprint of the body: a retry
+with the same body gets the first response (201, same payout id), a different body is
+``idempotency_conflict``. Without a key every request is a new payout. The checks and
+the move itself run in one Lua call (``lua/payout_create.lua``).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ from livegift.money import payout_split
 from livegift.services import Services
 
 MAX_KEY = 255
+# Lua numbers are doubles: integers are exact only below 2**53. Far above any real balance.
+MAX_DIAMONDS = 10**15
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +40,8 @@ async def create(
     services: Services, user: User, body: dict[str, Any], key: str | None
 ) -> PayoutResult:
     diamonds = body.get("diamonds")
-    if type(diamonds) is not int or diamonds <= 0:
-        raise BadRequest("diamonds must be a positive integer")
+    if type(diamonds) is not int or not 0 < diamonds <= MAX_DIAMONDS:
+        raise BadRequest(f"diamonds must be an integer from 1 to {MAX_DIAMONDS}")
     if key is not None and not 1 <= len(key) <= MAX_KEY:
         raise BadRequest(f"Idempotency-Key must be 1-{MAX_KEY} characters")
     split = payout_split(diamonds, services.settings.commission_bps)

@@ -1,11 +1,23 @@
 """``livegift reconcile``: recompute every balance from the ledger and check PROTOCOL §2.
 
-Checks, against the live data store:
-  1. every account's coins and diamonds equal the sum of its ledger entries;
-  2. coins minted by purchases = Σ coins + Σ diamonds + Σ diamonds held by payouts that
-     have not failed (and the minted and held counters equal what the ledger says);
-  3. every payout's gross = net + commission, and its status is pending, paid or failed.
-Entries are read in pages with a progress bar, so it runs in bounded memory on large data.
+Checks, against the live data store (it may be taking gifts while this runs):
+  1. the ledger itself: entry ids run 1, 2, 3, ... with no gap; each kind moves the right
+     asset in the right direction; every gift debit is followed by its matching credit;
+     every entry's ``balance`` (balance after) equals the recomputed running balance;
+  2. every account's coins and diamonds equal the sum of its ledger entries;
+  3. the minted and held counters equal what the ledger says;
+  4. every payout: gross = net + commission, a known status, exactly one payout entry for
+     -gross from its owner, and a reversal entry for +gross if and only if it failed;
+  5. coins minted by purchases = Σ coins + Σ diamonds + Σ diamonds held by payouts that
+     have not failed.
+
+Consistent cuts, not a stop-the-world lock. Every script that moves money bumps the
+ledger entry counter in the same atomic call, so reading some keys together with that
+counter in one MULTI gives their state exactly as of ledger entry ``n``. Wallets and
+payouts are read in such batches and compared with the ledger replayed up to each
+batch's ``n``; the counters are read the same way before the scan. Entries are read in
+pages with a progress bar, so memory is bounded by the number of accounts and payouts,
+not by the number of entries.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -22,6 +35,17 @@ from tqdm import tqdm
 from livegift import keys
 
 PAGE = 10_000
+BATCH = 500
+
+# kind -> (asset, sign of amount)
+KINDS: dict[str, tuple[str, int]] = {
+    "purchase": ("coins", 1),
+    "gift_debit": ("coins", -1),
+    "gift_credit": ("diamonds", 1),
+    "payout": ("diamonds", -1),
+    "payout_reversal": ("diamonds", 1),
+}
+STATUSES = ("pending", "paid", "failed")
 
 
 @dataclass
@@ -41,12 +65,12 @@ class Report:
         return not self.problems
 
     def render(self) -> str:
+        holds = self.minted == self.coins + self.diamonds + self.held
         lines = [
             f"ledger entries: {self.entries:,}  accounts: {self.accounts:,}  "
             f"payouts: {self.payouts:,}  ({self.seconds:.2f}s)",
             f"minted {self.minted:,} = coins {self.coins:,} + diamonds {self.diamonds:,} "
-            f"+ held by payouts {self.held:,}  "
-            f"({'holds' if self.minted == self.coins + self.diamonds + self.held else 'FAILS'})",
+            f"+ held by payouts {self.held:,}  ({'holds' if holds else 'FAILS'})",
         ]
         if self.ok:
             lines.append("OK: every balance matches its ledger and the invariant holds")
@@ -58,97 +82,212 @@ class Report:
         return "\n".join(lines)
 
 
+@dataclass
+class _Snapshot:
+    """Live values read in one MULTI together with the ledger entry counter ``at``."""
+
+    at: int
+    values: dict[str, Any]
+
+
+@dataclass
+class _Replay:
+    """The ledger replayed entry by entry: running balances and per-payout effects."""
+
+    report: Report
+    coins: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    diamonds: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    minted: int = 0
+    held: int = 0
+    last_id: int = 0
+    last_sid: str = "-"
+    pending_debit: dict[str, str] | None = None
+    # payout id -> [(entry id, kind, account, amount)]
+    payout_moves: dict[str, list[tuple[int, str, str, int]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    bad_running: set[tuple[str, str]] = field(default_factory=set)
+
+    def problem(self, text: str) -> None:
+        self.report.problems.append(text)
+
+    def apply(self, sid: bytes, raw: dict[bytes, bytes]) -> int:
+        f = {k.decode(): v.decode() for k, v in raw.items()}
+        n = int(f.get("id", "0"))
+        if n != self.last_id + 1:
+            self.problem(f"ledger entry {sid.decode()}: id {n} follows {self.last_id}")
+        self.last_id, self.last_sid = n, sid.decode()
+        kind, account, asset = f.get("kind", ""), f.get("account", ""), f.get("asset", "")
+        amount, after = int(f.get("amount", "0")), int(f.get("balance", "0"))
+        expected = KINDS.get(kind)
+        if expected is None or expected != (asset, 1 if amount > 0 else -1):
+            self.problem(f"ledger entry {n}: {kind} of {amount} {asset} is not a valid movement")
+        book = self.coins if asset == "coins" else self.diamonds
+        book[account] += amount
+        if book[account] != after and (account, asset) not in self.bad_running:
+            self.bad_running.add((account, asset))
+            self.problem(
+                f"account {account}: entry {n} says {asset} balance {after} "
+                f"but the ledger sums to {book[account]}"
+            )
+        self._pair(n, kind, f)
+        if kind == "purchase":
+            self.minted += amount
+        elif kind in ("payout", "payout_reversal"):
+            self.held -= amount
+            self.payout_moves[f.get("ref", "")].append((n, kind, account, amount))
+        return n
+
+    def _pair(self, n: int, kind: str, f: dict[str, str]) -> None:
+        debit, self.pending_debit = self.pending_debit, None
+        if debit is not None:
+            matches = (
+                kind == "gift_credit"
+                and int(f["amount"]) == -int(debit["amount"])
+                and f["account"] == debit["counterparty"]
+                and f["counterparty"] == debit["account"]
+                and f["ref"] == debit["ref"]
+            )
+            if not matches:
+                self.problem(f"ledger entry {debit['id']}: gift debit without its credit")
+        if kind == "gift_debit":
+            self.pending_debit = f
+        elif kind == "gift_credit" and debit is None:
+            self.problem(f"ledger entry {n}: gift credit without its debit")
+
+
 def _s(v: bytes | None) -> str:
     return v.decode() if v else ""
+
+
+def _pages(client: Any, after: str) -> Iterator[list[tuple[bytes, dict[bytes, bytes]]]]:
+    while True:
+        rows = client.xrange(keys.LEDGER, min="-" if after == "-" else f"({after}", count=PAGE)
+        if not rows:
+            return
+        yield rows
+        after = rows[-1][0].decode()
+
+
+def _snapshots(client: Any, names: list[str], read: Any) -> Iterator[_Snapshot]:
+    """Read ``names`` in batches, each batch atomically with the ledger entry counter."""
+    for i in range(0, len(names), BATCH):
+        chunk = names[i : i + BATCH]
+        with client.pipeline(transaction=True) as pipe:
+            pipe.get(keys.ENTRY_SEQ)
+            for name in chunk:
+                read(pipe, name)
+            at, *rows = pipe.execute()
+        yield _Snapshot(int(at or 0), dict(zip(chunk, rows, strict=True)))
 
 
 def reconcile(redis_client: redis.Redis, progress: TextIO | None = sys.stderr) -> Report:
     client: Any = redis_client
     started = time.perf_counter()
     report = Report()
-    ledger_coins: dict[str, int] = defaultdict(int)
-    ledger_diamonds: dict[str, int] = defaultdict(int)
-    minted_by_ledger = 0
-    held_by_ledger = 0
-    total = int(client.xlen(keys.LEDGER))
+    replay = _Replay(report)
+
+    # Counters as of entry n0, checked when the scan passes n0.
+    with client.pipeline(transaction=True) as pipe:
+        pipe.get(keys.ENTRY_SEQ).get(keys.MINTED).get(keys.HELD)
+        n0_raw, minted_raw, held_raw = pipe.execute()
+    n0, minted_counter, held_counter = int(n0_raw or 0), int(minted_raw or 0), int(held_raw or 0)
+
+    def check_counters() -> None:
+        if replay.minted != minted_counter:
+            report.problems.append(
+                f"minted counter {minted_counter} but ledger purchases sum to {replay.minted} "
+                f"(at entry {n0})"
+            )
+        if replay.held != held_counter:
+            report.problems.append(
+                f"held counter {held_counter} but ledger payouts hold {replay.held} (at entry {n0})"
+            )
+
     bar = tqdm(
-        total=total,
+        total=int(client.xlen(keys.LEDGER)),
         unit="entry",
         desc="ledger",
         file=progress,
         disable=progress is None,
         mininterval=0.5,
     )
-    last = "-"
-    while True:
-        rows = client.xrange(keys.LEDGER, min=last if last == "-" else f"({last}", count=PAGE)
-        if not rows:
-            break
-        for sid, f in rows:
-            account = _s(f[b"account"])
-            amount = int(f[b"amount"])
-            kind = _s(f[b"kind"])
-            if f[b"asset"] == b"coins":
-                ledger_coins[account] += amount
-            else:
-                ledger_diamonds[account] += amount
-            if kind == "purchase":
-                minted_by_ledger += amount
-            elif kind == "payout" or kind == "payout_reversal":
-                held_by_ledger -= amount
-            last = sid.decode()
-        report.entries += len(rows)
+    counted = n0 == 0
+    if counted:
+        check_counters()
+    for rows in _pages(client, "-"):
+        bar.total = max(bar.total, bar.n + len(rows))
+        for sid, fields in rows:
+            if replay.apply(sid, fields) >= n0 and not counted:
+                counted = True
+                check_counters()
+        bar.update(len(rows))
+    if replay.last_id < n0:
+        report.problems.append(
+            f"ledger entry counter is {n0} but the ledger ends at entry {replay.last_id}"
+        )
+
+    # Live wallets and payouts, batch by batch, each at a known ledger entry.
+    users = {
+        key.decode()[len(keys.WALLET_PREFIX) :]
+        for key in client.scan_iter(match=keys.WALLET_PREFIX + "*", count=1000)
+    }
+    users |= set(replay.coins) | set(replay.diamonds)
+    wallets = list(
+        _snapshots(
+            client,
+            sorted(users),
+            lambda pipe, user: pipe.hmget(keys.wallet(user), ["coins", "diamonds"]),
+        )
+    )
+    payout_ids = sorted(
+        key.decode()[len(keys.PAYOUT_PREFIX) :]
+        for key in client.scan_iter(match=keys.PAYOUT_PREFIX + "*", count=1000)
+    )
+    payouts = list(_snapshots(client, payout_ids, lambda pipe, pid: pipe.hgetall(keys.payout(pid))))
+
+    # Catch up with entries written meanwhile, comparing each wallet batch at its entry.
+    report.accounts = len(users)
+    offsets = {"coins": 0, "diamonds": 0}
+    pending = iter(wallets)
+    batch = next(pending, None)
+
+    def check_wallets_upto(n: int) -> None:
+        nonlocal batch
+        while batch is not None and batch.at <= n:
+            _check_wallets(batch, replay, offsets)
+            batch = next(pending, None)
+
+    check_wallets_upto(replay.last_id)
+    for rows in _pages(client, replay.last_sid):
+        bar.total = max(bar.total, bar.n + len(rows))
+        for sid, fields in rows:
+            check_wallets_upto(replay.apply(sid, fields))
         bar.update(len(rows))
     bar.close()
-
-    wallets: dict[str, tuple[int, int]] = {}
-    for key in client.scan_iter(match=keys.WALLET_PREFIX + "*", count=1000):
-        user = key.decode()[len(keys.WALLET_PREFIX) :]
-        coins, diamonds = client.hmget(key, ["coins", "diamonds"])
-        wallets[user] = (int(coins or 0), int(diamonds or 0))
-    report.accounts = len(set(wallets) | set(ledger_coins) | set(ledger_diamonds))
-    for user in sorted(set(wallets) | set(ledger_coins) | set(ledger_diamonds)):
-        coins, diamonds = wallets.get(user, (0, 0))
-        if coins != ledger_coins.get(user, 0):
-            report.problems.append(
-                f"account {user}: coins {coins} but ledger says {ledger_coins.get(user, 0)}"
-            )
-        if diamonds != ledger_diamonds.get(user, 0):
-            report.problems.append(
-                f"account {user}: diamonds {diamonds} but ledger says "
-                f"{ledger_diamonds.get(user, 0)}"
-            )
-        if coins < 0 or diamonds < 0:
-            report.problems.append(f"account {user}: negative balance")
-        report.coins += coins
-        report.diamonds += diamonds
-
-    held_by_payouts = 0
-    for key in client.scan_iter(match=keys.PAYOUT_PREFIX + "*", count=1000):
-        p = client.hgetall(key)
-        report.payouts += 1
-        pid, status = _s(p.get(b"id")), _s(p.get(b"status"))
-        gross, net, commission = (int(p.get(k, 0)) for k in (b"gross", b"net", b"commission"))
-        if gross != net + commission:
-            report.problems.append(
-                f"payout {pid}: gross {gross} != net {net} + commission {commission}"
-            )
-        if status not in ("pending", "paid", "failed"):
-            report.problems.append(f"payout {pid}: unknown status {status!r}")
-        if status != "failed":
-            held_by_payouts += gross
-
-    report.minted = int(client.get(keys.MINTED) or 0)
-    report.held = held_by_payouts
-    held_counter = int(client.get(keys.HELD) or 0)
-    if report.minted != minted_by_ledger:
+    while batch is not None:
         report.problems.append(
-            f"minted counter {report.minted} but ledger purchases sum to {minted_by_ledger}"
+            f"wallets read at entry {batch.at} but the ledger ends at entry {replay.last_id}"
         )
-    if held_counter != held_by_payouts or held_by_ledger != held_by_payouts:
+        batch = next(pending, None)
+    if replay.pending_debit is not None:
         report.problems.append(
-            f"held by payouts {held_by_payouts}, counter {held_counter}, ledger {held_by_ledger}"
+            f"ledger entry {replay.pending_debit['id']}: gift debit without its credit"
         )
+
+    for snap in payouts:
+        for pid, raw in snap.values.items():
+            _check_payout(pid, raw, snap.at, replay)
+    known = set(payout_ids)
+    for pid in sorted(set(replay.payout_moves) - known):
+        report.problems.append(f"ledger moves diamonds for payout {pid}, which does not exist")
+
+    report.payouts = len(payout_ids)
+    report.entries = replay.last_id
+    report.minted = replay.minted
+    report.held = replay.held
+    report.coins = sum(replay.coins.values()) + offsets["coins"]
+    report.diamonds = sum(replay.diamonds.values()) + offsets["diamonds"]
     if report.minted != report.coins + report.diamonds + report.held:
         report.problems.append(
             f"invariant fails: minted {report.minted} != coins {report.coins} + diamonds "
@@ -156,3 +295,40 @@ def reconcile(redis_client: redis.Redis, progress: TextIO | None = sys.stderr) -
         )
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _check_wallets(snap: _Snapshot, replay: _Replay, offsets: dict[str, int]) -> None:
+    """Compare wallets read at entry ``snap.at`` with the ledger replayed to that entry."""
+    for user, (coins_raw, diamonds_raw) in snap.values.items():
+        for asset, raw, book in (
+            ("coins", coins_raw, replay.coins),
+            ("diamonds", diamonds_raw, replay.diamonds),
+        ):
+            live, ledger = int(raw or 0), book.get(user, 0)
+            if live != ledger:
+                replay.problem(f"account {user}: {asset} {live} but ledger says {ledger}")
+                offsets[asset] += live - ledger
+            if live < 0:
+                replay.problem(f"account {user}: negative {asset} balance {live}")
+
+
+def _check_payout(pid: str, raw: dict[bytes, bytes], at: int, replay: _Replay) -> None:
+    if not raw:
+        return  # deleted between the scan and the read; nothing to check
+    problem = replay.problem
+    status, user = _s(raw.get(b"status")), _s(raw.get(b"user"))
+    gross, net, commission = (int(raw.get(k, b"0")) for k in (b"gross", b"net", b"commission"))
+    if gross != net + commission:
+        problem(f"payout {pid}: gross {gross} != net {net} + commission {commission}")
+    if gross <= 0 or net < 0 or commission < 0:
+        problem(f"payout {pid}: gross {gross}, net {net}, commission {commission} out of range")
+    if status not in STATUSES:
+        problem(f"payout {pid}: unknown status {status!r}")
+    moves = [m for m in replay.payout_moves.get(pid, []) if m[0] <= at]
+    out = [m for m in moves if m[1] == "payout"]
+    back = [m for m in moves if m[1] == "payout_reversal"]
+    if len(out) != 1 or out[0][2] != user or out[0][3] != -gross:
+        problem(f"payout {pid}: expected one payout entry of -{gross} from {user}, got {out}")
+    want_back = 1 if status == "failed" else 0
+    if len(back) != want_back or any(m[2] != user or m[3] != gross for m in back):
+        problem(f"payout {pid} is {status}: expected {want_back} reversal of +{gross}, got {back}")

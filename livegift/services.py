@@ -45,6 +45,7 @@ class Services:
         hub = Hub(
             lambda on_message, on_reconnect: Broker(pubsub_redis, on_message, on_reconnect),
             batch_ms=settings.batch_ms,
+            max_batch_ms=settings.max_batch_ms,
         )
         services = cls(settings, catalog, redis, ledger, hub)
         await hub.start(top=services.top, presence=services.presence)

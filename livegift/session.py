@@ -28,9 +28,11 @@ class Session:
         ledger: Ledger,
         catalog: Catalog,
         max_bad_frames: int,
+        creator: str | None = None,
     ) -> None:
         self.user = user
         self.room = room
+        self.creator = creator
         self.codec = codec
         self.ledger = ledger
         self.catalog = catalog
@@ -69,7 +71,13 @@ class Session:
         try:
             gift = self.catalog.gift(op.gift)
             outcome = await self.ledger.gift(
-                self.user, self.room, op.req, gift, op.count, adult=self.user.is_adult()
+                self.user,
+                self.room,
+                op.req,
+                gift,
+                op.count,
+                adult=self.user.is_adult(),
+                creator=self.creator,
             )
         except LiveGiftError as exc:
             GIFTS.labels(exc.code).inc()
@@ -78,7 +86,7 @@ class Session:
         return ack_ok(op.req, balance=outcome.balance, seq=outcome.seq, combo=outcome.combo)
 
     async def _shoutout(self, op: ShoutoutOp) -> dict[str, Any]:
-        creator = await self.ledger.room_creator(self.room)
+        creator = self.creator or await self.ledger.room_creator(self.room)
         if creator != self.user.id:
             raise Forbidden("only the stream's creator can give shout-outs")
         seq = await self.ledger.shoutout(self.user, self.room, op.to, op.text)

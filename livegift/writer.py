@@ -32,32 +32,44 @@ class Sink(Protocol):
     codec: Codec
     closed: bool
     on_slow: Callable[[], None] | None
+    on_close: Callable[[], None] | None
+
+    @property
+    def writer(self) -> Callable[[bytes], None]:
+        """The cheapest callable that writes one frame (what the hub's fan-out loop calls)."""
+        ...
 
     def write(self, frame: bytes) -> None: ...
 
     def close(self, code: int, reason: str = "") -> None: ...
 
-    def buffered(self) -> int: ...
-
 
 class TransportSink:
-    """Writes frames to the transport under uvicorn's sans-I/O websockets protocol."""
+    """Writes frames to the transport under uvicorn's sans-I/O websockets protocol.
 
-    __slots__ = ("_proto", "_transport", "closed", "codec", "limit", "on_slow")
+    The fan-out loop calls ``transport.write`` itself (see :attr:`writer`). The bound on
+    unsent bytes is the transport's own high-water mark: when a write passes it, the
+    transport calls ``pause_writing``, which here schedules a 4008 close.
+    """
+
+    __slots__ = ("_proto", "_transport", "closed", "codec", "limit", "on_close", "on_slow")
 
     def __init__(self, proto: Any, codec: Codec, limit: int, sndbuf: int = 0) -> None:
         self._proto = proto
         self._transport: asyncio.Transport = proto.transport
+        self.codec = codec
+        self.limit = limit
+        self.closed = False
+        self.on_slow: Callable[[], None] | None = None
+        self.on_close: Callable[[], None] | None = None
         # The handshake is over: uvicorn no longer needs its parsed request and response.
         proto.request = proto.response = None
         sock = self._transport.get_extra_info("socket")
         if sndbuf and sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-        self.codec = codec
-        self.limit = limit
-        self.closed = False
-        self.on_slow: Callable[[], None] | None = None
+        self._transport.set_write_buffer_limits(high=limit)
+        proto.pause_writing = self._paused
 
     @staticmethod
     def supports(send: Any) -> bool:
@@ -69,27 +81,33 @@ class TransportSink:
             and hasattr(proto, "transport")
         )
 
+    @property
+    def writer(self) -> Callable[[bytes], None]:
+        return self._transport.write
+
     def write(self, frame: bytes) -> None:
+        if not self.closed:
+            self._transport.write(frame)
+
+    def _paused(self) -> None:
+        # Called from inside transport.write, possibly mid fan-out: close on the next tick.
+        if not self.closed:
+            asyncio.get_running_loop().call_soon(self._too_slow)
+
+    def _too_slow(self) -> None:
         if self.closed:
             return
-        transport = self._transport
-        if transport.is_closing() or self._proto.close_sent:
-            self.closed = True
-            return
-        transport.write(frame)
-        if transport.get_write_buffer_size() > self.limit:
-            if self.on_slow is not None:
-                self.on_slow()
-            self.close(TOO_SLOW, "too slow: resume with since")
-
-    def buffered(self) -> int:
-        return 0 if self.closed else self._transport.get_write_buffer_size()
+        if self.on_slow is not None:
+            self.on_slow()
+        self.close(TOO_SLOW, "too slow: resume with since")
 
     def close(self, code: int, reason: str = "") -> None:
         """Send a close frame now, bypassing ASGI's send (which waits while paused)."""
         if self.closed:
             return
         self.closed = True
+        if self.on_close is not None:
+            self.on_close()
         proto, transport = self._proto, self._transport
         if proto.close_sent or transport.is_closing():
             return
@@ -123,6 +141,7 @@ class QueueSink:
         self.limit = limit
         self.closed = False
         self.on_slow: Callable[[], None] | None = None
+        self.on_close: Callable[[], None] | None = None
         self._queue: deque[bytes] = deque()
         self._size = 0
         self._wake = asyncio.Event()
@@ -136,17 +155,24 @@ class QueueSink:
         self._size += len(frame)
         self._wake.set()
         if self._size > self.limit:
+            asyncio.get_running_loop().call_soon(self._too_slow)
+
+    def _too_slow(self) -> None:
+        if not self.closed:
             if self.on_slow is not None:
                 self.on_slow()
             self.close(TOO_SLOW, "too slow: resume with since")
 
-    def buffered(self) -> int:
-        return self._size
+    @property
+    def writer(self) -> Callable[[bytes], None]:
+        return self.write
 
     def close(self, code: int, reason: str = "") -> None:
         if self.closed:
             return
         self.closed = True
+        if self.on_close is not None:
+            self.on_close()
         self._close_code = code
         if code == TOO_SLOW:
             self._queue.clear()

@@ -112,7 +112,15 @@ async def websocket_endpoint(
         sink = QueueSink(send, codec, settings.send_buffer_limit)
     sink.on_slow = services.hub.slow
     member = Member(user.id, sink)
-    session = Session(user, room, codec, services.ledger, services.catalog, settings.max_bad_frames)
+    session = Session(
+        user,
+        room,
+        codec,
+        services.ledger,
+        services.catalog,
+        settings.max_bad_frames,
+        creator=info["creator"],
+    )
     creator = {"id": info["creator"], "name": info.get("creator_name", info["creator"])}
     del info, query, offered
 

@@ -11,6 +11,7 @@
 -- ARGV[10] count    ARGV[11] rate/s     ARGV[12] burst      ARGV[13] daily cap (0 = off)
 -- ARGV[14] auto shout-out min coins (0 = off)               ARGV[15] auto shout-out text
 -- ARGV[16] combo window ms   ARGV[17] history length   ARGV[18] history ms   ARGV[19] channel
+-- ARGV[20] creator id (the owner of KEYS[2]; must be the room's creator)
 -- Returns: JSON '{"balance":B,"seq":S,"combo":K,"replay":false}' (replay true on a retry);
 -- error replies: idempotency_conflict, not_adult, stream_not_live, self_gift,
 -- insufficient_funds, rate_limited.
@@ -38,6 +39,9 @@ if room[1] ~= '1' then
   return redis.error_reply('stream_not_live')
 end
 local creator = room[2]
+if creator ~= ARGV[20] then
+  return redis.error_reply('internal creator wallet key does not match the room')
+end
 if creator == user then
   return redis.error_reply('self_gift')
 end

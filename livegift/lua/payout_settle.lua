@@ -3,7 +3,8 @@
 -- KEYS[1] payout hash   KEYS[2] creator wallet   KEYS[3] held counter   KEYS[4] ledger stream
 -- KEYS[5] account index   KEYS[6] ledger entry counter   KEYS[7] the payout day's net counter
 -- ARGV[1] outcome: paid | failed   ARGV[2] creator id (must own the payout)
--- Returns: the payout JSON after settling (unchanged when already settled that way).
+-- Returns: the payout JSON after settling, with "settled" (ms); unchanged when already
+-- settled that way.
 -- Errors: not_found, bad_request (already settled the other way).
 
 local p = redis.call('HMGET', KEYS[1], 'status', 'user', 'gross', 'net', 'json', 'id')
@@ -21,7 +22,8 @@ if p[1] ~= 'pending' then
 end
 local gross, net = tonumber(p[3]), tonumber(p[4])
 local now = now_ms()
-local payout = string.gsub(p[5], '"status":"pending"', '"status":"' .. ARGV[1] .. '"')
+local payout = string.gsub(p[5], '"status":"pending"',
+  '"status":"' .. ARGV[1] .. '","settled":' .. fmt(now))
 if ARGV[1] == 'failed' then
   local left = redis.call('HINCRBY', KEYS[2], 'diamonds', gross)
   redis.call('DECRBY', KEYS[3], gross)
