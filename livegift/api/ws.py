@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 import orjson
 
 from livegift.auth import USER_ID, verify_token
-from livegift.errors import LiveGiftError, Unauthorized
+from livegift.errors import LiveGiftError, Unauthorized, Unavailable
 from livegift.hub import Member
 from livegift.metrics import CONNECTIONS
 from livegift.protocol import choose_codec
@@ -97,6 +97,9 @@ async def websocket_endpoint(
 
     try:
         info = await services.ledger.room(room) if USER_ID.match(room) else None
+    except Unavailable as exc:
+        await send({"type": "websocket.close", "code": 1013, "reason": exc.message[:100]})
+        return
     except LiveGiftError:
         info = None
     if info is None or info.get("live") != "1":
