@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Sequence
@@ -36,7 +37,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from livegift.embedded import EmbeddedError, EmbeddedRedis
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    settings = Settings.from_env()
+    settings = _settings()
+    if not os.environ.get("LIVEGIFT_SECRET") or not os.environ.get("LIVEGIFT_PAYMENT_SECRET"):
+        print(
+            "livegift: LIVEGIFT_SECRET / LIVEGIFT_PAYMENT_SECRET are unset, so development "
+            "secrets sign tokens and receipts. Set both for anything but local testing.",
+            file=sys.stderr,
+        )
     embedded: EmbeddedRedis | None = None
     if not settings.redis_url:
         embedded = EmbeddedRedis(settings.data_dir)
@@ -94,11 +101,21 @@ def _loop_factory() -> Any:
     return uvloop.new_event_loop
 
 
+def _prog() -> str:
+    """How the user can run this command again from their shell."""
+    if shutil.which("livegift") == sys.argv[0]:
+        return "livegift"
+    if sys.argv[0].endswith("livegift"):
+        return os.path.relpath(sys.argv[0])
+    return f"{sys.executable} -m livegift"
+
+
 async def _seed_and_print(settings: Settings, args: argparse.Namespace, bots: bool) -> Any:
     from livegift.demo import seed
 
     info = await seed(settings)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    prog = _prog()
     base = f"http://{host}:{args.port}"
     print(
         "\n"
@@ -110,10 +127,10 @@ async def _seed_and_print(settings: Settings, args: argparse.Namespace, bots: bo
         f"  Creator studio : {base}/studio/{info.room}?token={info.creator_token}\n"
         f"  Stream overlay : {base}/overlay/{info.room}?token={info.creator_token}&goal=50000\n"
         f"  Viewer page    : {base}/watch/{info.room}?token={info.viewer_token}\n\n"
-        f"  Watch in a terminal : livegift watch {info.room} --url {base} --token {info.viewer_token}\n"
-        f"  Send a gift         : livegift gift {info.room} rose --count 5 --url {base} --token {info.viewer_token}\n"
+        f"  Watch in a terminal : {prog} watch {info.room} --url {base} --token {info.viewer_token}\n"
+        f"  Send a gift         : {prog} gift {info.room} rose --count 5 --url {base} --token {info.viewer_token}\n"
         f"  Under-18 viewer token (can watch, cannot gift): {info.minor_token}\n"
-        f"  Check the books     : livegift reconcile\n",
+        f"  Check the books     : {prog} reconcile   (Ctrl-C stops the server)\n",
         flush=True,
     )
     return info

@@ -74,6 +74,19 @@ async def simulate_gifters(
     )
 
 
+async def _top_up(settings: Settings, user: User) -> None:
+    assert settings.redis_url
+    redis = connect(settings.redis_url, 2)
+    try:
+        catalog = default_catalog()
+        receipt = auth.mint_receipt(settings.payment_secret, catalog, user.id, "p6607")
+        await Ledger(redis, settings, catalog).recharge(
+            auth.verify_receipt(settings.payment_secret, catalog, receipt, user)
+        )
+    finally:
+        await redis.aclose()
+
+
 async def _bot(
     settings: Settings, base_ws: str, room: str, uid: str, name: str, stop: asyncio.Event
 ) -> None:
@@ -82,6 +95,17 @@ async def _bot(
     catalog = default_catalog()
     small = [g for g in catalog.gifts.values() if g.coins <= 30]
     big = [g for g in catalog.gifts.values() if 100 <= g.coins <= 1000]
+    broke = asyncio.Event()
+
+    async def read(ws: websockets.ClientConnection) -> None:
+        # A member must read: the server closes sockets that stop reading (4008).
+        async for frame in ws:
+            data = orjson.loads(frame)
+            for event in data if isinstance(data, list) else [data]:
+                failed = event.get("type") == "ack" and not event.get("ok")
+                if failed and event["error"]["code"] == "insufficient_funds":
+                    broke.set()
+
     n = 0
     while not stop.is_set():
         try:
@@ -89,19 +113,22 @@ async def _bot(
                 f"{base_ws}/ws/{room}?token={token}",
                 subprotocols=["livegift.json"],  # type: ignore[list-item]
             ) as ws:
-                while not stop.is_set():
-                    gift = rng.choice(big) if rng.random() < 0.08 else rng.choice(small)
-                    taps = rng.randint(3, 12) if gift.streakable else 1
-                    for _ in range(taps):
-                        n += 1
-                        await ws.send(
-                            orjson.dumps(
-                                {"op": "gift", "req": f"{uid}-{n}-{rng.random()}", "gift": gift.id}
-                            ).decode()
-                        )
-                        await asyncio.sleep(rng.uniform(0.15, 0.5))
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), rng.uniform(2, 6))
+                reader = asyncio.create_task(read(ws))
+                try:
+                    while not stop.is_set() and not reader.done():
+                        if broke.is_set():
+                            await _top_up(settings, User(uid, name))
+                            broke.clear()
+                        gift = rng.choice(big) if rng.random() < 0.08 else rng.choice(small)
+                        for _ in range(rng.randint(3, 12) if gift.streakable else 1):
+                            n += 1
+                            op = {"op": "gift", "req": f"{uid}-{n}-{rng.random()}", "gift": gift.id}
+                            await ws.send(orjson.dumps(op).decode())
+                            await asyncio.sleep(rng.uniform(0.15, 0.5))
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), rng.uniform(2, 6))
+                finally:
+                    reader.cancel()
         except (OSError, websockets.WebSocketException, LiveGiftError) as exc:
             log.debug("demo bot %s reconnecting: %s", uid, exc)
             with contextlib.suppress(TimeoutError):
