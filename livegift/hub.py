@@ -53,12 +53,14 @@ def encode_events(codec: Codec, events: list[bytes]) -> bytes:
 
 
 class Member:
-    __slots__ = ("backlog", "sink", "user")
+    __slots__ = ("backlog", "head", "sink", "user")
 
     def __init__(self, user: str, sink: Sink) -> None:
         self.user = user
         self.sink = sink
         self.backlog: list[bytes] | None = None
+        # The seq in this member's welcome: it gets every durable event after it.
+        self.head = 0
 
 
 Writer = Callable[[bytes], None]
@@ -74,6 +76,7 @@ class Room:
         "flushed_seq",
         "handle",
         "id",
+        "joiners",
         "joining",
         "last_seq",
         "last_top",
@@ -93,6 +96,9 @@ class Room:
         self.writers: dict[Codec, dict[Member, Writer]] = {JSON: {}, MSGPACK: {}}
         # Members still replaying history on resume: live events wait in their backlog.
         self.catching: set[Member] = set()
+        # Members who joined while events were pending, with how many were pending then:
+        # those are already counted in their welcome's seq.
+        self.joiners: list[tuple[Member, int]] = []
         self.window = 0.0
         self.pending: list[bytes] = []
         self.first_pending = 0.0
@@ -111,10 +117,12 @@ class Room:
         self.viewers = -1
 
     def count(self) -> int:
-        return len(self.writers[JSON]) + len(self.writers[MSGPACK]) + len(self.catching)
+        writers = len(self.writers[JSON]) + len(self.writers[MSGPACK])
+        return writers + len(self.catching) + len(self.joiners)
 
     def members(self) -> list[Member]:
-        return [*self.writers[JSON], *self.writers[MSGPACK], *self.catching]
+        joiners = [member for member, _ in self.joiners]
+        return [*self.writers[JSON], *self.writers[MSGPACK], *self.catching, *joiners]
 
     def detach(self, member: Member) -> None:
         """Stop writing to a member (its socket is closing); it still counts until it leaves."""
@@ -200,12 +208,15 @@ class Hub:
                 raise
         room.joining -= 1
         sink = member.sink
-        head = room.flushed_seq
+        head = member.head = room.last_seq
         viewers = max(room.viewers, room.count() + 1)
         sink.write(sink.codec.frame(sink.codec.encode(welcome(head, viewers))))
         sink.on_close = lambda: room.detach(member)
         if since is None:
-            room.writers[sink.codec][member] = sink.writer
+            if room.pending:
+                room.joiners.append((member, len(room.pending)))
+            else:
+                room.writers[sink.codec][member] = sink.writer
             return
         member.backlog = []
         room.catching.add(member)
@@ -235,6 +246,7 @@ class Hub:
             return
         room.writers[member.sink.codec].pop(member, None)
         room.catching.discard(member)
+        room.joiners = [(m, i) for m, i in room.joiners if m is not member]
         if room.count() == 0 and room.joining == 0 and room.linger is None:
             room.linger = self._loop.call_later(self.linger_s, self._drop, room)
 
@@ -360,9 +372,18 @@ class Hub:
                 for write in writers.values():
                     write(frame)
                 delivered += len(writers)
+        if room.joiners:
+            joiners, room.joiners = room.joiners, []
+            for member, index in joiners:
+                sink = member.sink
+                if sink.closed:
+                    continue
+                if index < len(events):
+                    sink.write(encode_events(sink.codec, events[index:]))
+                room.writers[sink.codec][member] = sink.writer
         for member in room.catching:
             if member.backlog is not None:
-                member.backlog.extend(events)
+                member.backlog.extend(e for e in events if event_seq(e) > member.head)
         done = time.perf_counter()
         room.window = min(self.max_batch_s, 2 * (done - started))
         DELIVERIES.inc(delivered * len(events))
