@@ -213,10 +213,7 @@ class Hub:
         sink.write(sink.codec.frame(sink.codec.encode(welcome(head, viewers))))
         sink.on_close = lambda: room.detach(member)
         if since is None:
-            if room.pending:
-                room.joiners.append((member, len(room.pending)))
-            else:
-                room.writers[sink.codec][member] = sink.writer
+            self._attach(room, member)
             return
         member.backlog = []
         room.catching.add(member)
@@ -238,7 +235,20 @@ class Hub:
         if room.ended:
             sink.close(1000, "stream ended")
         elif not sink.closed:
-            room.writers[sink.codec][member] = sink.writer
+            self._attach(room, member)
+
+    def _attach(self, room: Room, member: Member) -> None:
+        """Make a member live. Pending events up to its head are already accounted for
+        (its welcome or its replay), so it joins the next frame after them."""
+        skip = 0
+        for i, data in enumerate(room.pending):
+            seq = event_seq(data)
+            if seq and seq <= member.head:
+                skip = i + 1
+        if skip:
+            room.joiners.append((member, skip))
+        else:
+            room.writers[member.sink.codec][member] = member.sink.writer
 
     def leave(self, room_id: str, member: Member) -> None:
         room = self.rooms.get(room_id)

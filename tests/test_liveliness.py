@@ -27,16 +27,20 @@ async def test_resume_replays_history_then_live_without_gap_or_duplicate(
 
     sending = asyncio.create_task(keep_sending())
     seen: list[int] = []
+    log: list[dict[str, object]] = []
     resumed = None
     while len(seen) < 8:
         event = await resumer.next()
+        log.append(event)
         if event["type"] == "resumed":
             resumed = event
             assert seen == [3, 4, 5]
         elif "seq" in event:
             seen.append(event["seq"])
     await sending
-    assert seen == list(range(3, 11))
+    assert seen == list(range(3, 11)), [
+        (e["type"], e.get("seq"), e.get("room"), e.get("ts")) for e in log
+    ]
     assert resumed == {"type": "resumed", "from": 3, "to": 5, "complete": True}
     await sender.close()
     await resumer.close()
@@ -104,3 +108,38 @@ async def test_leaderboard_and_viewers_events_and_stream_stats(live_server: Live
     assert not [e for e in events if e["type"] in ("viewers", "leaderboard")]
     await ca.close()
     await studio.close()
+
+
+async def test_joining_mid_batch_gets_no_duplicates(server_factory: object) -> None:
+    """A wide batch window makes every join land while events are still pending."""
+    server = server_factory({"LIVEGIFT_BATCH_MS": "300"})  # type: ignore[operator]
+    room, _, _ = await stream(server)
+    user, token = await viewer(server)
+    sender = await Client.open(server.ws(room, token))
+    for i in range(3):
+        await sender.gift(f"p{i}")
+    plain = await Client.open(server.ws(room, server.token(uid())))
+    resumer = await Client.open(server.ws(room, server.token(uid()), since=1))
+    assert (await plain.next())["seq"] == 3
+    assert (await resumer.next())["seq"] == 3
+    for i in range(3, 5):
+        await sender.gift(f"p{i}")
+
+    async def seqs(client: Client, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            event = await client.next()
+            if event.get("seq"):
+                out.append(event["seq"])
+        return out
+
+    assert await seqs(plain, 2) == [4, 5]
+    assert await seqs(resumer, 4) == [2, 3, 4, 5]
+    for c in (plain, resumer):
+        try:
+            extra = await c.until(lambda e: e.get("seq") is not None, timeout=0.8)
+        except TimeoutError:
+            extra = None
+        assert extra is None
+    for c in (sender, plain, resumer):
+        await c.close()
