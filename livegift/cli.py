@@ -62,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     common: dict[str, Any] = {
         "host": args.host,
         "port": args.port,
-        "ws": "websockets-sansio",
+        "ws": "livegift.api.fastws:FastWebSocket" if settings.ws == "fast" else "websockets-sansio",
         "ws_max_size": 4096,
         "ws_per_message_deflate": False,
         "ws_ping_interval": 20.0,

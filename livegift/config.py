@@ -75,6 +75,8 @@ class Settings:
     payout_daily_cap_cents: int = 100_000
     # Garbage frames tolerated per connection before closing with 1008.
     max_bad_frames: int = 20
+    # "fast": livegift.api.fastws under uvicorn; "asgi": the portable ASGI endpoint.
+    ws: str = "fast"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -97,6 +99,7 @@ class Settings:
             max_batch_ms=_int(env, "LIVEGIFT_MAX_BATCH_MS", 100),
             send_buffer_limit=_int(env, "LIVEGIFT_SEND_BUFFER", 1 << 20, minimum=4096),
             socket_sndbuf=_int(env, "LIVEGIFT_SOCKET_SNDBUF", 256 * 1024),
+            ws=env.get("LIVEGIFT_WS", "fast"),
             redis_max_connections=_int(env, "LIVEGIFT_REDIS_CONNECTIONS", 64, minimum=2),
             gift_rate=_int(env, "LIVEGIFT_GIFT_RATE", 10, minimum=1),
             gift_burst=_int(env, "LIVEGIFT_GIFT_BURST", 20, minimum=1),

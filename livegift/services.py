@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -33,6 +34,9 @@ class Services:
     redis: Redis
     ledger: Ledger
     hub: Hub
+    # Connections served by livegift.api.fastws (pinged by one timer per process).
+    sockets: set[Any] = field(default_factory=set)
+    keepalive_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -49,9 +53,19 @@ class Services:
         )
         services = cls(settings, catalog, redis, ledger, hub)
         await hub.start(top=services.top, presence=services.presence)
+        services.keepalive_task = asyncio.get_running_loop().create_task(services._keepalive())
         return services
 
+    async def _keepalive(self, interval: float = 20.0) -> None:
+        while True:
+            await asyncio.sleep(interval / 2)
+            now = time.monotonic()
+            for sock in list(self.sockets):
+                sock.keepalive(now, interval)
+
     async def close(self) -> None:
+        if self.keepalive_task is not None:
+            self.keepalive_task.cancel()
         self.hub.drain()
         await self.hub.close()
         await self.redis.aclose()

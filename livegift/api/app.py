@@ -83,11 +83,12 @@ class LiveGiftApp:
         )
 
     @contextlib.asynccontextmanager
-    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(self, app: Starlette) -> AsyncIterator[dict[str, Any]]:
         services = await Services.start(self.settings)
         app.state.services = services
         try:
-            yield
+            # Lifespan state reaches uvicorn's protocols too (livegift.api.fastws).
+            yield {"services": services}
         finally:
             await services.close()
 
