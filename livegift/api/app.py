@@ -26,11 +26,21 @@ log = logging.getLogger("livegift")
 
 WEB = Path(str(resources.files("livegift").joinpath("web")))
 PAGES = {"studio": "studio.html", "overlay": "overlay.html", "watch": "watch.html"}
+# The pages carry a token in their URL: keep it out of referrers, and run only our scripts.
+PAGE_HEADERS = {
+    "cache-control": "no-cache",
+    "referrer-policy": "no-referrer",
+    "content-security-policy": (
+        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+        "base-uri 'none'; form-action 'self'"
+    ),
+    "x-content-type-options": "nosniff",
+}
 
 
 def _page(name: str) -> Any:
     async def page(request: Request) -> Response:
-        return FileResponse(WEB / PAGES[name], headers={"cache-control": "no-cache"})
+        return FileResponse(WEB / PAGES[name], headers=PAGE_HEADERS)
 
     return page
 
