@@ -7,7 +7,9 @@ is a PROTOCOL code; :func:`_raise` turns those into exceptions, here and nowhere
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -46,8 +48,16 @@ def _raise(exc: redis_errors.RedisError) -> LiveGiftError:
     return Unavailable(f"data store unavailable: {exc.__class__.__name__}")
 
 
+_day_cache: tuple[int, str] = (-1, "")
+
+
 def today() -> str:
-    return datetime.now(UTC).strftime("%Y%m%d")
+    """The UTC date as YYYYMMDD (cached per day: this is on the gift hot path)."""
+    global _day_cache
+    day = int(time.time() // 86400)
+    if _day_cache[0] != day:
+        _day_cache = (day, datetime.fromtimestamp(day * 86400, UTC).strftime("%Y%m%d"))
+    return _day_cache[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +76,73 @@ class Recharge:
     replayed: bool
 
 
+class _Pipeliner:
+    """Sends the calls of one script made in the same loop tick as one pipeline.
+
+    Thousands of concurrent gifts then cost a few round trips and pool checkouts instead
+    of one each. Each call still runs as its own atomic script, and each caller gets its
+    own result or error. A pipeline that fails in transit fails all its callers; they
+    retry with the same ``req`` and the scripts' idempotency makes that safe.
+    """
+
+    def __init__(self, redis: Any, script: AsyncScript) -> None:
+        self.redis = redis
+        self.script = script
+        self.pending: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def call(self, keys_: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self.pending:
+            loop.call_soon(self._send)
+        self.pending.append((keys_, args, future))
+        return future
+
+    def _send(self) -> None:
+        batch, self.pending = self.pending, []
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        try:
+            if len(batch) == 1:
+                keys_, args, _ = batch[0]
+                results: list[Any] = [await self.script(keys=keys_, args=args)]
+            else:
+                results = await self._pipeline(batch)
+        except redis_errors.RedisError as exc:
+            results = [exc] * len(batch)
+        except OSError as exc:
+            results = [redis_errors.ConnectionError(str(exc))] * len(batch)
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _pipeline(
+        self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys_, args, _ in batch:
+                pipe.evalsha(self.script.sha, len(keys_), *keys_, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        if any(isinstance(r, redis_errors.NoScriptError) for r in results):
+            # Redis restarted or failed over without the script: load it, rerun those calls.
+            await self.redis.script_load(self.script.script)
+            for i, (keys_, args, _) in enumerate(batch):
+                if isinstance(results[i], redis_errors.NoScriptError):
+                    try:
+                        results[i] = await self.script(keys=keys_, args=args)
+                    except redis_errors.RedisError as exc:
+                        results[i] = exc
+        return results
+
+
 class Ledger:
     def __init__(self, redis: Redis, settings: Settings, catalog: Catalog) -> None:
         # redis-py's return types are loose unions; reads here check shapes themselves.
@@ -73,6 +150,7 @@ class Ledger:
         self.settings = settings
         self.catalog = catalog
         self._scripts: dict[str, AsyncScript] = {}
+        self._gifts = _Pipeliner(self.redis, self._script("gift"))
 
     def _script(self, name: str) -> AsyncScript:
         script = self._scripts.get(name)
@@ -138,47 +216,49 @@ class Ledger:
         if creator is None:
             creator = await self.room_creator(room) or "-"
         shout = s.auto_shoutout_template.format(name=user.name, gift=gift.name, count=count)
-        raw = await self._call(
-            "gift",
-            [
-                keys.wallet(user.id),
-                keys.wallet(creator),
-                keys.room(room),
-                keys.gift_req(user.id, req),
-                keys.combo(room, user.id),
-                keys.top(room),
-                keys.history(room),
-                keys.LEDGER,
-                keys.account(user.id),
-                keys.account(creator),
-                keys.rate(user.id),
-                keys.spend(user.id, today()),
-                keys.name(user.id),
-                keys.ENTRY_SEQ,
-            ],
-            [
-                user.id,
-                user.name,
-                "1" if adult else "0",
-                room,
-                req,
-                gift.id,
-                gift.name,
-                gift.coins,
-                "1" if gift.streakable else "0",
-                count,
-                s.gift_rate,
-                s.gift_burst,
-                s.daily_spend_cap,
-                s.auto_shoutout_coins,
-                shout[:200],
-                s.combo_window_ms,
-                s.history_len,
-                s.history_seconds * 1000,
-                keys.channel(room),
-                creator,
-            ],
-        )
+        try:
+            raw = await self._gifts.call(
+                [
+                    keys.wallet(user.id),
+                    keys.wallet(creator),
+                    keys.room(room),
+                    keys.gift_req(user.id, req),
+                    keys.combo(room, user.id),
+                    keys.top(room),
+                    keys.history(room),
+                    keys.LEDGER,
+                    keys.account(user.id),
+                    keys.account(creator),
+                    keys.rate(user.id),
+                    keys.spend(user.id, today()),
+                    keys.name(user.id),
+                    keys.ENTRY_SEQ,
+                ],
+                [
+                    user.id,
+                    user.name,
+                    "1" if adult else "0",
+                    room,
+                    req,
+                    gift.id,
+                    gift.name,
+                    gift.coins,
+                    "1" if gift.streakable else "0",
+                    count,
+                    s.gift_rate,
+                    s.gift_burst,
+                    s.daily_spend_cap,
+                    s.auto_shoutout_coins,
+                    shout[:200],
+                    s.combo_window_ms,
+                    s.history_len,
+                    s.history_seconds * 1000,
+                    keys.channel(room),
+                    creator,
+                ],
+            )
+        except redis_errors.RedisError as exc:
+            raise _raise(exc) from None
         data = orjson.loads(raw)
         return GiftOutcome(data["balance"], data["seq"], data["combo"], data["replay"])
 

@@ -14,7 +14,6 @@ if prior then
     return redis.error_reply('invalid_receipt this receipt was already used by another user')
   end
   local w = redis.call('HMGET', KEYS[1], 'coins', 'diamonds')
-  redis.call('HINCRBY', KEYS[1], 'coins', 1)
   return {prior, tonumber(w[1] or '0'), tonumber(w[2] or '0'), 1}
 end
 
