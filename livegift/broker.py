@@ -36,9 +36,13 @@ class Broker:
         self._rooms: dict[bytes, str] = {}
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        # Connect before any subscribe: concurrent first subscribes would otherwise each
+        # open a connection of their own, and the reader would hear only one of them.
+        await self._pubsub.connect()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="broker")
 
     async def close(self) -> None:
@@ -54,7 +58,8 @@ class Broker:
         self._rooms[channel] = room
         future = asyncio.get_running_loop().create_future()
         self._confirm[channel] = future
-        await self._pubsub.subscribe(channel)
+        async with self._lock:
+            await self._pubsub.subscribe(channel)
         self._wake.set()
         await asyncio.wait_for(future, timeout=10)
 
@@ -62,7 +67,8 @@ class Broker:
         channel = keys.channel(room).encode()
         self._rooms.pop(channel, None)
         with contextlib.suppress(redis_errors.RedisError):
-            await self._pubsub.unsubscribe(channel)
+            async with self._lock:
+                await self._pubsub.unsubscribe(channel)
 
     async def latest_seq(self, room: str) -> int:
         raw = await self.redis.hget(keys.room(room), "seq")

@@ -432,3 +432,18 @@ async def test_slow_reader_is_closed_4008_and_others_keep_up(server_factory: obj
     slow.close()
     for c in [fast, *senders]:
         await c.close()
+
+
+async def test_many_rooms_joined_at_once(live_server: LiveServer) -> None:
+    rooms = [(await stream(live_server))[0] for _ in range(40)]
+    token = live_server.token(uid())
+
+    async def join(room: str) -> dict[str, object]:
+        client = await Client.open(live_server.ws(room, token))
+        try:
+            return await client.next(timeout=5)
+        finally:
+            await client.close()
+
+    welcomes = await asyncio.gather(*(join(room) for room in rooms * 2))
+    assert [w["type"] for w in welcomes] == ["welcome"] * 80
