@@ -42,7 +42,7 @@ class Broker:
     async def start(self) -> None:
         # Connect before any subscribe: concurrent first subscribes would otherwise each
         # open a connection of their own, and the reader would hear only one of them.
-        await self._pubsub.connect()
+        await self._pubsub.connect()  # type: ignore[no-untyped-call]
         self._task = asyncio.get_running_loop().create_task(self._run(), name="broker")
 
     async def close(self) -> None:
