@@ -31,7 +31,7 @@ class User:
     roles: tuple[str, ...] = ()
 
     def is_adult(self, today: date | None = None) -> bool:
-        return is_adult(self.birthdate, today or datetime.now(UTC).date())
+        return is_adult(self.birthdate, today or utc_today())
 
     @property
     def is_admin(self) -> bool:
@@ -39,6 +39,18 @@ class User:
 
     def public(self) -> dict[str, str]:
         return {"id": self.id, "name": self.name}
+
+
+_today: tuple[int, date] = (-1, date.min)
+
+
+def utc_today() -> date:
+    """The server's UTC date, cached per day (checked on every gift)."""
+    global _today
+    day = int(time.time() // 86400)
+    if _today[0] != day:
+        _today = (day, datetime.fromtimestamp(day * 86400, UTC).date())
+    return _today[1]
 
 
 def is_adult(birthdate: date | None, today: date) -> bool:

@@ -88,26 +88,23 @@ class Broker:
                 await self._wake.wait()
                 continue
             try:
-                msg = await self._pubsub.get_message(timeout=1.0)
+                async for msg in self._pubsub.listen():
+                    kind = msg["type"]
+                    if kind == "message":
+                        room = self._rooms.get(msg["channel"])
+                        if room is not None:
+                            self._on_message(room, msg["data"])
+                    elif kind == "subscribe":
+                        future = self._confirm.pop(msg["channel"], None)
+                        if future is not None and not future.done():
+                            future.set_result(None)
+                        if reconnecting:
+                            reconnecting = False
+                            log.info("pub/sub reconnected")
+                            self._on_reconnect()
             except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
                 REDIS_ERRORS.labels("pubsub").inc()
                 if not reconnecting:
                     log.warning("pub/sub connection lost (%s); reconnecting", exc)
                 reconnecting = True
                 await asyncio.sleep(0.5)
-                continue
-            if msg is None:
-                continue
-            kind = msg["type"]
-            if kind == "message":
-                room = self._rooms.get(msg["channel"])
-                if room is not None:
-                    self._on_message(room, msg["data"])
-            elif kind == "subscribe":
-                future = self._confirm.pop(msg["channel"], None)
-                if future is not None and not future.done():
-                    future.set_result(None)
-                if reconnecting:
-                    reconnecting = False
-                    log.info("pub/sub reconnected")
-                    self._on_reconnect()

@@ -183,3 +183,13 @@ def test_settings_from_env() -> None:
         )
     with pytest.warns(RuntimeWarning):
         Settings.from_env({})
+
+
+def test_packed_evalsha_matches_redis_py() -> None:
+    from redis.asyncio.connection import Connection
+
+    from livegift.ledger import pack_evalsha
+
+    keys_, args = ["lg:{lg}:w:ü", "k2"], ["a", 5, "é" * 200, -3, ""]
+    expected = b"".join(Connection().pack_command("EVALSHA", "f" * 40, 2, *keys_, *args))
+    assert pack_evalsha("f" * 40, keys_, args) == expected
