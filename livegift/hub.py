@@ -21,6 +21,7 @@ from typing import Any
 
 import msgpack
 import orjson
+from redis.exceptions import RedisError
 
 from livegift.broker import Broker
 from livegift.metrics import DELIVERIES, FANOUT_BATCH, FANOUT_LATENCY, ROOMS, SLOW_CLOSES
@@ -305,40 +306,47 @@ class Hub:
                 self._spawn(self._fill(room, check_head=True))
 
     async def _fill(self, room: Room, check_head: bool = False) -> None:
+        """Deliver what pub/sub missed, from the room's history, then what it stashed.
+
+        With ``check_head`` (after a pub/sub reconnect) it also asks for the room's latest
+        seq. Data-store errors are retried with backoff for as long as the room has
+        members here, so a Redis restart cannot leave a gap behind.
+        """
+        delay = 0.1
         try:
-            for _ in range(100):
-                target = max(room.stash) - 1 if room.stash else room.last_seq
-                if check_head:
-                    target = max(target, await self.broker.latest_seq(room.id))
+            while self.rooms.get(room.id) is room:
+                try:
+                    if await self._fill_once(room, check_head):
+                        return
                     check_head = False
-                if target > room.last_seq:
-                    for data in await self.broker.history(room.id, room.last_seq, target):
-                        seq = event_seq(data)
-                        if seq > room.last_seq:
-                            self._accept(room, seq, data)
-                if room.stash and min(room.stash) > room.last_seq + 1:
-                    log.warning(
-                        "room %s: history lost seq %d..%d",
-                        room.id,
-                        room.last_seq + 1,
-                        min(room.stash) - 1,
-                    )
-                    room.last_seq = min(room.stash) - 1
-                while room.last_seq + 1 in room.stash:
-                    seq = room.last_seq + 1
-                    self._accept(room, seq, room.stash.pop(seq))
-                for seq in [s for s in room.stash if s <= room.last_seq]:
-                    del room.stash[seq]
-                if not room.stash:
-                    return
-        except Exception:
-            log.exception("room %s: filling from history failed", room.id)
-            await asyncio.sleep(0.5)
+                except Exception as exc:
+                    log.warning("room %s: filling from history failed (%s); retrying", room.id, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
         finally:
             room.filling = False
-            if room.stash and self.rooms.get(room.id) is room:
-                room.filling = True
-                self._spawn(self._fill(room))
+
+    async def _fill_once(self, room: Room, check_head: bool) -> bool:
+        """One pass; True when nothing is left to fill."""
+        target = max(room.stash) - 1 if room.stash else room.last_seq
+        if check_head:
+            target = max(target, await self.broker.latest_seq(room.id))
+        if target > room.last_seq:
+            for data in await self.broker.history(room.id, room.last_seq, target):
+                seq = event_seq(data)
+                if seq > room.last_seq:
+                    self._accept(room, seq, data)
+        if room.stash and min(room.stash) > room.last_seq + 1:
+            log.warning(
+                "room %s: history lost seq %d..%d", room.id, room.last_seq + 1, min(room.stash) - 1
+            )
+            room.last_seq = min(room.stash) - 1
+        while room.last_seq + 1 in room.stash:
+            seq = room.last_seq + 1
+            self._accept(room, seq, room.stash.pop(seq))
+        for seq in [s for s in room.stash if s <= room.last_seq]:
+            del room.stash[seq]
+        return not room.stash
 
     def _accept(self, room: Room, seq: int, data: bytes) -> None:
         room.last_seq = seq
@@ -433,6 +441,8 @@ class Hub:
                                 self.push(
                                     counted, orjson.dumps({"type": "viewers", "count": total})
                                 )
+            except (OSError, RedisError) as exc:
+                log.warning("liveliness tick skipped: data store unavailable (%s)", exc)
             except Exception:
                 log.exception("liveliness tick failed")
 
