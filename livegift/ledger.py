@@ -291,7 +291,7 @@ class Ledger:
     # -- streams -------------------------------------------------------------------------
 
     async def start_stream(self, creator: User, title: str) -> tuple[str, bool]:
-        room = secrets.token_urlsafe(6).replace("-", "x").replace("_", "y")
+        room = secrets.token_urlsafe(8).replace("-", "x").replace("_", "y")
         return await self.start_stream_as(creator, title, room)
 
     async def start_stream_as(self, creator: User, title: str, room: str) -> tuple[str, bool]:
