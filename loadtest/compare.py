@@ -53,6 +53,7 @@ def compare(base: runner.RunConfig, kinds: list[Kind], client_cpus: str | None) 
                 spawn=True,
                 url=None,
                 redis_url=url,
+                redis_pid=redis.pid,
                 rooms=1,
                 gifters=base.gifters if kind == "livegift" else 1,
                 label=f"compare-{kind}-v{base.viewers}-rate{base.rate:g}",
@@ -78,9 +79,29 @@ def compare(base: runner.RunConfig, kinds: list[Kind], client_cpus: str | None) 
         "params": params,
         "machine": runner.machine_info(),
         "results": [
-            {k: r.get(k) for k in ("kind", "skipped", "failed", "json", "deliveries",
-                                    "delivery_latency_ms", "ack_latency_ms", "server", "client",
-                                    "server_idle", "connections", "errors_by_code", "reconcile")}
+            {
+                k: r[k]
+                for k in (
+                    "kind",
+                    "skipped",
+                    "failed",
+                    "json",
+                    "deliveries",
+                    "delivery_latency_ms",
+                    "ack_latency_ms",
+                    "server",
+                    "client",
+                    "server_idle",
+                    "connections",
+                    "errors_by_code",
+                    "closes_by_code",
+                    "gifts",
+                    "published",
+                    "reconcile",
+                    "machine_load",
+                )
+                if k in r
+            }
             for r in results
         ],
         "markdown": str(md),
@@ -100,4 +121,4 @@ def default_cpus() -> tuple[str | None, str | None]:
     return None, None
 
 
-__all__ = ["compare", "default_cpus", "missing_deps", "DEFAULT_KINDS", "Path"]
+__all__ = ["DEFAULT_KINDS", "Path", "compare", "default_cpus", "missing_deps"]

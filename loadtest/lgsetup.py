@@ -16,7 +16,12 @@ import httpx
 import jwt
 
 ADULT = "1990-01-01"
-FALLBACK_PACKAGES = [("p6607", 6607, 9999), ("p1321", 1321, 1999), ("p330", 330, 499), ("p65", 65, 99)]
+FALLBACK_PACKAGES = [
+    ("p6607", 6607, 9999),
+    ("p1321", 1321, 1999),
+    ("p330", 330, 499),
+    ("p65", 65, 99),
+]
 
 
 @dataclasses.dataclass

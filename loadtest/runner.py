@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import os
 import platform
 import resource
@@ -21,8 +22,11 @@ from . import lgsetup, metrics, procs
 from .client import ROLE_GIFTER, ROLE_PUBLISHER, ROLE_VIEWER, Conn, Stats, open_conn
 from .targets import Kind, Target, check_loopback
 
-DEV_SECRET = "dev-secret-change-me"
-DEV_PAYMENT_SECRET = "dev-payment-secret-change-me"
+try:  # the server's own development defaults, when livegift is importable
+    from livegift.config import DEV_PAYMENT_SECRET, DEV_SECRET
+except ImportError:  # pragma: no cover - the load tool also runs without the server package
+    DEV_SECRET = "dev-secret-change-me"
+    DEV_PAYMENT_SECRET = "dev-payment-secret-change-me"
 
 
 @dataclasses.dataclass
@@ -37,7 +41,7 @@ class RunConfig:
     rate: float = 200.0
     duration: float = 10.0
     drain: float = 10.0
-    batch_ms: float | None = None
+    batch_ms: int | None = None
     workers: int | None = None
     codec: str = "json"
     out: Path = Path("loadtest/results")
@@ -45,17 +49,24 @@ class RunConfig:
     progress: bool = True
     reconcile: bool = True
     server_pid: int | None = None
+    redis_pid: int | None = None  # a Redis outside the server's process tree, to measure too
     server_cpus: str | None = None
+    redis_cpus: str | None = None  # start a Redis of our own, pinned here (with --spawn)
     connect_concurrency: int = 200
     connect_timeout: float = 10.0
     connect_budget: float = 180.0
     idle_settle: float = 2.0
-    secret: str = dataclasses.field(default_factory=lambda: os.environ.get("LIVEGIFT_SECRET", DEV_SECRET))
+    secret: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("LIVEGIFT_SECRET", DEV_SECRET)
+    )
     payment_secret: str = dataclasses.field(
         default_factory=lambda: os.environ.get("LIVEGIFT_PAYMENT_SECRET", DEV_PAYMENT_SECRET)
     )
     server_env: dict[str, str] = dataclasses.field(default_factory=dict)
     plot: bool = True
+    wait_idle: float = 0.0  # wait up to this long for other processes to quiet down
+    warm_rooms: bool = False  # join each room's first member alone before the crowd
+    profile: bool = False  # py-spy the server during the load phase
 
 
 def raise_nofile(want: int = 65536) -> int:
@@ -84,8 +95,15 @@ class Progress:
         from tqdm import tqdm
 
         self.close()
-        self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=True,
-                        dynamic_ncols=True, mininterval=0.5)
+        self.bar = tqdm(
+            total=total,
+            desc=desc,
+            unit=unit,
+            file=sys.stderr,
+            leave=True,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
 
     def update(self, n: float, **postfix: Any) -> None:
         if self.bar is not None:
@@ -116,7 +134,7 @@ def livegift_env(cfg: RunConfig, data_dir: str | None) -> dict[str, str]:
     env.setdefault("LIVEGIFT_GIFT_RATE", "100000")
     env.setdefault("LIVEGIFT_GIFT_BURST", "100000")
     if cfg.batch_ms is not None:
-        env["LIVEGIFT_BATCH_MS"] = f"{cfg.batch_ms:g}"
+        env["LIVEGIFT_BATCH_MS"] = str(cfg.batch_ms)
     if cfg.redis_url:
         env["REDIS_URL"] = cfg.redis_url
     else:
@@ -176,8 +194,16 @@ def start_server(cfg: RunConfig, log_dir: Path) -> ServerHandle:
         env = dict(os.environ)
         pkg_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
-        cmd = [sys.executable, *peer_module(cfg.kind), "--host", host, "--port", str(port),
-               "--redis", cfg.redis_url]
+        cmd = [
+            sys.executable,
+            *peer_module(cfg.kind),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--redis",
+            cfg.redis_url,
+        ]
         sp = procs.Spawned(cfg.kind, procs.pinned(cmd, cfg.server_cpus), env=env, log_dir=log_dir)
         try:
             procs.wait_port(host, port, 60, sp.proc)
@@ -193,13 +219,23 @@ def run_reconcile(env: dict[str, str]) -> dict[str, Any]:
     if binary is None:
         return {"ran": False, "reason": "livegift command not installed"}
     try:
-        p = subprocess.run([binary, "reconcile"], env=env, capture_output=True, text=True,
-                           timeout=300, stdin=subprocess.DEVNULL)
+        p = subprocess.run(
+            [binary, "reconcile"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         return {"ran": True, "exit_code": None, "ok": False, "output": "timed out after 300 s"}
     out = (p.stdout + p.stderr).strip()
     if p.returncode == 2 and ("No such command" in out or "invalid choice" in out):
-        return {"ran": False, "reason": "livegift has no reconcile command yet", "output": out[-2000:]}
+        return {
+            "ran": False,
+            "reason": "livegift has no reconcile command yet",
+            "output": out[-2000:],
+        }
     return {"ran": True, "exit_code": p.returncode, "ok": p.returncode == 0, "output": out[-4000:]}
 
 
@@ -225,10 +261,11 @@ async def connect_all(
                 stats.errors["connect:budget_exhausted"] += 1
                 return
             try:
-                c = await open_conn(stats, target, role, room, path, name,
-                                    timeout=min(cfg.connect_timeout, left))
+                c = await open_conn(
+                    stats, target, role, room, path, name, timeout=min(cfg.connect_timeout, left)
+                )
                 conns.append(c)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 stats.errors["connect:timeout"] += 1
             except ConnectionError as e:
                 code = str(e) or type(e).__name__
@@ -238,7 +275,17 @@ async def connect_all(
                 stats.errors[f"connect:oserror_{e.errno}"] += 1
         progress.update(1)
 
-    await asyncio.gather(*(one(s) for s in specs))
+    rest = specs
+    if cfg.warm_rooms:
+        # The first member of each room joins alone, the rest then join concurrently.
+        firsts: dict[int, tuple[int, int, str, str]] = {}
+        for spec in specs:
+            firsts.setdefault(spec[1], spec)
+        for spec in firsts.values():
+            await one(spec)
+        chosen = {id(s) for s in firsts.values()}
+        rest = [s for s in specs if id(s) not in chosen]
+    await asyncio.gather(*(one(s) for s in rest))
     progress.close()
     return conns
 
@@ -246,7 +293,9 @@ async def connect_all(
 async def run_async(cfg: RunConfig, handle: ServerHandle, progress: Progress) -> dict[str, Any]:
     check_loopback(handle.host)
     run_id = pysecrets.token_hex(3)
-    target = Target(cfg.kind, handle.host, handle.port, "msgpack" if cfg.codec == "msgpack" else "json")
+    target = Target(
+        cfg.kind, handle.host, handle.port, "msgpack" if cfg.codec == "msgpack" else "json"
+    )
     is_lg = cfg.kind == "livegift"
     gifts_total = int(cfg.rate * cfg.duration)
     result: dict[str, Any] = {"run_id": run_id}
@@ -255,7 +304,9 @@ async def run_async(cfg: RunConfig, handle: ServerHandle, progress: Progress) ->
     # 1. rooms (and wallets) ---------------------------------------------------
     gifters = max(1, cfg.gifters) if is_lg else cfg.rooms
     if is_lg:
-        prep = await lgsetup.prepare(handle.base_url, secrets, run_id, cfg.rooms, gifters, gifts_total)
+        prep = await lgsetup.prepare(
+            handle.base_url, secrets, run_id, cfg.rooms, gifters, gifts_total
+        )
         rooms = prep.rooms
         result["setup"] = dataclasses.asdict(prep)
         gift_id = prep.gift_id
@@ -266,10 +317,14 @@ async def run_async(cfg: RunConfig, handle: ServerHandle, progress: Progress) ->
     stats = Stats(len(rooms))
     watch = handle.watch
 
+    redis_watch = procs.ProcWatch(cfg.redis_pid) if cfg.redis_pid else None
+
     def server_sample() -> tuple[float, int, float, int]:
         if watch is None:
             return 0.0, 0, 0.0, 0
         srv, red = watch.split()
+        if redis_watch is not None:
+            red = red + redis_watch.procs()
         return watch.cpu(srv), watch.rss(srv), watch.cpu(red), watch.rss(red)
 
     # 2. viewers, idle RSS ----------------------------------------------------
@@ -278,7 +333,11 @@ async def run_async(cfg: RunConfig, handle: ServerHandle, progress: Progress) ->
     specs: list[tuple[int, int, str, str]] = []
     for i in range(cfg.viewers):
         r = i % len(rooms)
-        tok = lgsetup.user_token(secrets, f"lt{run_id}v{i}", f"Viewer {i}", adult=False) if is_lg else None
+        tok = (
+            lgsetup.user_token(secrets, f"lt{run_id}v{i}", f"Viewer {i}", adult=False)
+            if is_lg
+            else None
+        )
         specs.append((ROLE_VIEWER, r, target.path(rooms[r], tok), f"v{i}"))
     t_conn = time.monotonic()
     viewers = await connect_all(cfg, stats, target, specs, progress, "viewers")
@@ -295,7 +354,9 @@ async def run_async(cfg: RunConfig, handle: ServerHandle, progress: Progress) ->
         result["server_idle"] = {
             "rss_baseline": base[1],
             "rss_with_idle_viewers": idle[1],
-            "idle_rss_per_viewer_bytes": round((idle[1] - base[1]) / len(viewers), 1) if viewers else None,
+            "idle_rss_per_viewer_bytes": round((idle[1] - base[1]) / len(viewers), 1)
+            if viewers
+            else None,
             "redis_rss_baseline": base[3],
             "redis_rss_with_idle_viewers": idle[3],
         }
@@ -316,10 +377,19 @@ async def run_async(cfg: RunConfig, handle: ServerHandle, progress: Progress) ->
         raise RuntimeError(f"no gifter/publisher could join: {dict(stats.errors)}")
 
     # 4. load -----------------------------------------------------------------------
+    # No collector pauses in the client while it measures: everything long-lived is
+    # frozen out of the collector's sight and collection is off until the drain ends.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     samples: list[dict[str, Any]] = []
     t0 = perf_counter_ns()
     cpu0 = client_cpu()
     srv0 = server_sample()
+    sys0 = system_busy()
+    irq0 = system_softirq()
+    cores0 = per_core_busy()
+    procs0 = process_cpu_snapshot()
     sending = True
 
     async def pace() -> None:
@@ -353,21 +423,34 @@ async def run_async(cfg: RunConfig, handle: ServerHandle, progress: Progress) ->
             srv = server_sample()
             d, a = stats.delivered, stats.ack_ok
             dt = now - last_t
-            samples.append({
-                "t": round((perf_counter_ns() - t0) / 1e9, 3),
-                "server_cpu_s": srv[0] - srv0[0], "server_rss": srv[1],
-                "redis_cpu_s": srv[2] - srv0[2], "redis_rss": srv[3],
-                "client_cpu_s": client_cpu() - cpu0,
-                "delivered": d, "acked": a, "sent": stats.sent,
-            })
+            ccpu = client_cpu() - cpu0
+            ours = ccpu + (srv[0] - srv0[0]) + (srv[2] - srv0[2])
+            samples.append(
+                {
+                    "t": round((perf_counter_ns() - t0) / 1e9, 3),
+                    "server_cpu_s": srv[0] - srv0[0],
+                    "server_rss": srv[1],
+                    "redis_cpu_s": srv[2] - srv0[2],
+                    "redis_rss": srv[3],
+                    "client_cpu_s": ccpu,
+                    "other_cpu_s": (system_busy() - sys0 - ours) if watch is not None else None,
+                    "delivered": d,
+                    "acked": a,
+                    "sent": stats.sent,
+                }
+            )
             if sending:
                 step = max(0.0, min(dt, cfg.duration - shown))
                 shown += step
-                progress.update(round(step, 2),
-                                deliv_s=f"{(d - last_d) / dt:,.0f}", acks_s=f"{(a - last_a) / dt:,.0f}",
-                                sent=stats.sent)
+                progress.update(
+                    round(step, 2),
+                    deliv_s=f"{(d - last_d) / dt:,.0f}",
+                    acks_s=f"{(a - last_a) / dt:,.0f}",
+                    sent=stats.sent,
+                )
             last_d, last_a, last_t = d, a, now
 
+    profiler = start_profiler(cfg, watch)
     sampler = asyncio.create_task(sample())
     await pace()
     t_send_end = perf_counter_ns()
@@ -388,21 +471,45 @@ async def run_async(cfg: RunConfig, handle: ServerHandle, progress: Progress) ->
             break
         await asyncio.sleep(0.05)
     t_end = perf_counter_ns()
+    gc.enable()
     sampler.cancel()
     progress.close()
     cpu1 = client_cpu()
     srv1 = server_sample()
+    sys1 = system_busy()
+    irq1 = system_softirq()
+    cores1 = per_core_busy()
+    procs1 = process_cpu_snapshot()
     wall = (t_end - t0) / 1e9
+
+    if profiler is not None:
+        result["profile"] = await finish_profiler(*profiler)
 
     # 6. close ------------------------------------------------------------------------
     fin = final_seqs()
     expected = sum(max(0, fin[v.room] - v.start_seq) for v in viewers)
     received = sum(v.received for v in viewers)
     closed_early = sum(1 for v in viewers if v.state == 3)
+    per_room: list[dict[str, Any]] = []
+    for r in range(len(rooms)):
+        members = [v for v in viewers if v.room == r]
+        per_room.append(
+            {
+                "room": rooms[r],
+                "viewers": len(members),
+                "last_seq": fin[r],
+                "start_seq_min": min((v.start_seq for v in members), default=None),
+                "expected": sum(max(0, fin[r] - v.start_seq) for v in members),
+                "received": sum(v.received for v in members),
+                "gaps": sum(v.gaps for v in members),
+            }
+        )
     unacked = sum(len(s.pending) for s in senders)
     for c in (*viewers, *senders):
         c.close()
     await asyncio.sleep(0.2)
+    # Let the server finish what it still has in flight before anyone reads its books.
+    result["quiesce_seconds"] = await wait_quiet(server_sample, watch is not None)
 
     # 7. analyse ----------------------------------------------------------------------
     d = metrics.deliveries(stats.rec, stats.seq_sent, t0)
@@ -421,7 +528,9 @@ async def run_async(cfg: RunConfig, handle: ServerHandle, progress: Progress) ->
         "acked_error": stats.ack_err,
         "unacked": unacked,
         "acked_per_s": round(stats.ack_ok / span, 1) if is_lg else None,
-        "acked_per_s_steady": metrics.steady_rate(a["series"]["acks_per_s"], 0, send_secs) if is_lg else None,
+        "acked_per_s_steady": metrics.steady_rate(a["series"]["acks_per_s"], 0, send_secs)
+        if is_lg
+        else None,
     }
     result["ack_latency_ms"] = a["latency_ms"] if is_lg else None
     result["delivery_latency_ms"] = d["latency_ms"]
@@ -438,6 +547,7 @@ async def run_async(cfg: RunConfig, handle: ServerHandle, progress: Progress) ->
         "per_s_peak": max(d["series"]["deliveries_per_s"], default=0),
         "span_seconds": round(span, 3),
         "viewers_closed_early": closed_early,
+        "rooms": per_room[:50],
     }
     result["errors_by_code"] = dict(stats.errors)
     result["closes_by_code"] = dict(stats.closes)
@@ -458,15 +568,190 @@ async def run_async(cfg: RunConfig, handle: ServerHandle, progress: Progress) ->
             "redis_cpu_pct_of_core": round(100 * (srv1[2] - srv0[2]) / wall, 1),
             "redis_rss_end": srv1[3],
         }
+    ours = (cpu1 - cpu0) + (srv1[0] - srv0[0]) + (srv1[2] - srv0[2])
+    foreign = max(0.0, (sys1 - sys0) - ours)
+    our_pids = {os.getpid()}
+    if watch is not None:
+        our_pids |= {p.pid for p in watch.procs()}
+    if redis_watch is not None:
+        our_pids |= {p.pid for p in redis_watch.procs()}
+    kthreads, others, top_others = split_other_cpu(procs0, procs1, our_pids)
+    result["machine_load"] = {
+        "loadavg_at_end": list(os.getloadavg()),
+        "busy_cpu_s": round(sys1 - sys0, 3),
+        "kernel_irq_softirq_cpu_s": round(irq1 - irq0, 3),
+        "kernel_irq_softirq_pct_of_core": round(100 * (irq1 - irq0) / wall, 1),
+        "busy_pct_per_core": [
+            round(100 * (b - a) / wall, 1) for a, b in zip(cores0, cores1, strict=True)
+        ],
+        "other_processes_cpu_s": round(foreign, 3) if watch is not None else None,
+        "other_processes_pct_of_core": round(100 * foreign / wall, 1)
+        if watch is not None
+        else None,
+        "kernel_threads_pct_of_core": round(100 * kthreads / wall, 1),
+        "other_user_processes_pct_of_core": round(100 * others / wall, 1),
+        "other_user_processes_top": [
+            {"pid": pid, "cpu_s": cpu, "cmd": _cmdline(pid)} for pid, cpu in top_others
+        ],
+    }
     result["series"] = {"delivery": d["series"], "ack": a["series"], "samples": samples}
     result["wall_seconds"] = round(wall, 3)
     return result
 
 
+def start_profiler(
+    cfg: RunConfig, watch: procs.ProcWatch | None
+) -> tuple[subprocess.Popen[bytes], Path] | None:
+    """py-spy the server (all its Python processes) while the load runs."""
+    import shutil
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not cfg.profile or watch is None or not Path(spy).exists():
+        return None
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    out = cfg.out / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.label or cfg.kind}-profile.txt"
+    cmd = [spy, "record", "--pid", str(watch.root.pid), "--subprocesses", "--rate", "200",
+           "--duration", str(int(cfg.duration) + 1), "--format", "raw", "--output", str(out),
+           "--nonblocking"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, out
+
+
+async def finish_profiler(proc: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
+    for _ in range(100):
+        if proc.poll() is not None:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        proc.terminate()
+    return {"collapsed_stacks": str(out), "top_self": profile_top(out)}
+
+
+def profile_top(path: Path, n: int = 25) -> list[tuple[str, float]]:
+    """The functions with the most self time in a py-spy collapsed-stack file (% of samples)."""
+    from collections import Counter
+
+    own: Counter[str] = Counter()
+    total = 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        own[stack.split(";")[-1]] += int(count)
+    return [(f, round(100 * c / total, 2)) for f, c in own.most_common(n)] if total else []
+
+
+def system_busy() -> float:
+    """CPU seconds all cores spent running processes since boot (user + nice + system).
+
+    Interrupt and softirq time is left out: on loopback the kernel's network work for
+    this very test shows up there, not in any process.
+    """
+    import psutil  # type: ignore[import-untyped,unused-ignore]
+
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system)
+
+
+def per_core_busy() -> list[float]:
+    """Non-idle CPU seconds per core since boot, interrupts included."""
+    import psutil  # type: ignore[import-untyped,unused-ignore]
+
+    return [
+        float(sum(t) - t.idle - getattr(t, "iowait", 0.0)) for t in psutil.cpu_times(percpu=True)
+    ]
+
+
+def process_cpu_snapshot() -> dict[int, tuple[bool, float]]:
+    """pid -> (is a kernel thread, CPU seconds) for every process on the machine."""
+    import psutil  # type: ignore[import-untyped,unused-ignore]
+
+    snap: dict[int, tuple[bool, float]] = {}
+    for p in psutil.process_iter():
+        try:
+            t = p.cpu_times()
+            snap[p.pid] = (p.ppid() == 2 or p.pid == 2, t.user + t.system)
+        except psutil.Error:
+            continue
+    return snap
+
+
+def split_other_cpu(
+    before: dict[int, tuple[bool, float]], after: dict[int, tuple[bool, float]], ours: set[int]
+) -> tuple[float, float, list[tuple[int, float]]]:
+    """(kernel threads' CPU s, other user processes' CPU s, the top others) between snapshots."""
+    kernel = user = 0.0
+    top: list[tuple[int, float]] = []
+    for pid, (kthread, cpu) in after.items():
+        if pid in ours:
+            continue
+        used = cpu - before.get(pid, (kthread, 0.0))[1]
+        if used <= 0:
+            continue
+        if kthread:
+            kernel += used
+        else:
+            user += used
+            top.append((pid, round(used, 3)))
+    top.sort(key=lambda x: -x[1])
+    return kernel, user, top[:5]
+
+
+def _cmdline(pid: int) -> str:
+    import psutil  # type: ignore[import-untyped,unused-ignore]
+
+    try:
+        return " ".join(psutil.Process(pid).cmdline())[:120]
+    except psutil.Error:
+        return "?"
+
+
+def system_softirq() -> float:
+    import psutil  # type: ignore[import-untyped,unused-ignore]
+
+    t = psutil.cpu_times()
+    return float(getattr(t, "softirq", 0.0) + getattr(t, "irq", 0.0))
+
+
+async def wait_quiet(sample: Any, watched: bool, limit: float = 60.0) -> float:
+    """Wait until the server uses under 10 % of a core, at most ``limit`` seconds."""
+    t0 = time.monotonic()
+    if not watched:
+        await asyncio.sleep(1.0)
+        return round(time.monotonic() - t0, 2)
+    prev = sample()[0]
+    while time.monotonic() - t0 < limit:
+        await asyncio.sleep(0.5)
+        cur = sample()[0]
+        if cur - prev < 0.05:
+            break
+        prev = cur
+    return round(time.monotonic() - t0, 2)
+
+
+def wait_machine_idle(limit: float, busy_pct: float = 15.0) -> dict[str, Any]:
+    """Wait (at most ``limit`` s) until the machine is nearly idle for 3 s in a row."""
+    import psutil  # type: ignore[import-untyped,unused-ignore]
+
+    t0 = time.monotonic()
+    quiet = 0
+    last = 100.0
+    while time.monotonic() - t0 < limit and quiet < 3:
+        last = psutil.cpu_percent(interval=1.0)
+        quiet = quiet + 1 if last < busy_pct else 0
+    return {"waited_s": round(time.monotonic() - t0, 1), "busy_pct": last, "idle": quiet >= 3}
+
+
 def machine_info() -> dict[str, Any]:
-    import psutil
+    import psutil  # type: ignore[import-untyped,unused-ignore]
 
     info: dict[str, Any] = {
+        "loadavg_at_start": list(os.getloadavg()),
         "cpus": os.cpu_count(),
         "memory_bytes": psutil.virtual_memory().total,
         "python": sys.version.split()[0],
@@ -494,16 +779,31 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     name = cfg.label or f"{cfg.kind}-v{cfg.viewers}-r{cfg.rooms}-g{cfg.gifters}-rate{cfg.rate:g}"
     log_dir = cfg.out / "logs"
     progress = Progress(cfg.progress)
-    handle = start_server(cfg, log_dir)
+    idle_wait = wait_machine_idle(cfg.wait_idle) if cfg.wait_idle > 0 else None
+    own_redis: procs.Spawned | None = None
+    if cfg.spawn and not cfg.redis_url and (cfg.kind != "livegift" or cfg.redis_cpus):
+        own_redis, url = procs.start_redis(cfg.redis_cpus or cfg.server_cpus, log_dir)
+        cfg = dataclasses.replace(cfg, redis_url=url, redis_pid=own_redis.pid)
+    try:
+        handle = start_server(cfg, log_dir)
+    except BaseException:
+        if own_redis is not None:
+            own_redis.stop()
+        raise
     result: dict[str, Any] = {
         "tool": "livegift-loadtest",
         "kind": cfg.kind,
         "label": name,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()
-                   if k not in ("secret", "payment_secret")},
+        "params": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("secret", "payment_secret")
+        },
         "machine": machine_info(),
     }
+    if idle_wait is not None:
+        result["machine"]["wait_idle"] = idle_wait
     try:
         try:
             import uvloop
@@ -527,6 +827,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 result["server_log_tail"] = handle.spawned.tail(40)
             handle.spawned.stop()
             result["server_log"] = str(handle.spawned.log_path)
+        if own_redis is not None:
+            own_redis.stop()
     path = cfg.out / f"{stamp}-{name}.json"
     if cfg.plot and "series" in result:
         try:

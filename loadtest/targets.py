@@ -69,9 +69,10 @@ _PAD = "x" * 200
 def peer_event(seq: int, ts_ms: int, publisher: int) -> bytes:
     """A gift-like event of about 200 bytes, as the peers fan it out."""
     head = (
-        '{"type":"gift","seq":%d,"ts":%d,"from":{"id":"lt-pub-%d","name":"Publisher %d"},'
-        '"gift":{"id":"rose","name":"Rose","coins":1},"count":1,"coins":1,"combo":%d,"pad":"'
-        % (seq, ts_ms, publisher, publisher, seq)
+        f'{{"type":"gift","seq":{seq},"ts":{ts_ms},'
+        f'"from":{{"id":"lt-pub-{publisher}","name":"Publisher {publisher}"}},'
+        '"gift":{"id":"rose","name":"Rose","coins":1},"count":1,"coins":1,'
+        f'"combo":{seq},"pad":"'
     )
     pad = max(0, 198 - len(head))
     return (head + _PAD[:pad] + '"}').encode()

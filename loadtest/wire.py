@@ -63,6 +63,58 @@ def scan_msgpack(data: bytes, end: int) -> ScanResult:
     return count, first, (first if count == 1 else _mp_int(found[-1]))
 
 
+JSON_TOKEN = b'"seq":'
+MSGPACK_TOKEN = b"\xa3seq"
+
+
+def verify_json(data: bytes, end: int, nxt: int) -> int:
+    """The hot path: how many seqs ``data[:end]`` holds if they are exactly
+    ``nxt, nxt+1, ...`` by count, first and last; -1 when they are not (or when the
+    layout is not orjson's compact one), so the caller decodes the chunk fully."""
+    count = data.count(JSON_TOKEN, 0, end)
+    if not count:
+        return 0
+    i = data.find(JSON_TOKEN, 0, end) + 6
+    first = b"%d" % nxt
+    if not data.startswith(first, i) or 0x30 <= data[i + len(first)] <= 0x39:
+        return -1
+    if count == 1:
+        return 1
+    k = data.rfind(JSON_TOKEN, 0, end) + 6
+    last = b"%d" % (nxt + count - 1)
+    if not data.startswith(last, k) or 0x30 <= data[k + len(last)] <= 0x39:
+        return -1
+    return count
+
+
+def msgpack_uint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    if n < 0x100:
+        return b"\xcc" + bytes((n,))
+    if n < 0x10000:
+        return b"\xcd" + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return b"\xce" + n.to_bytes(4, "big")
+    return b"\xcf" + n.to_bytes(8, "big")
+
+
+def verify_msgpack(data: bytes, end: int, nxt: int) -> int:
+    count = data.count(MSGPACK_TOKEN, 0, end)
+    if not count:
+        return 0
+    if not data.startswith(msgpack_uint(nxt), data.find(MSGPACK_TOKEN, 0, end) + 4):
+        return -1
+    if count > 1 and not data.startswith(
+        msgpack_uint(nxt + count - 1), data.rfind(MSGPACK_TOKEN, 0, end) + 4
+    ):
+        return -1
+    return count
+
+
+Verifier = Callable[[bytes, int, int], int]
+
+
 def loads_json(payload: bytes) -> Any:
     return orjson.loads(payload)
 

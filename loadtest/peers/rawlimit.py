@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import signal
 import urllib.parse
+from typing import cast
 
 from loadtest import wire
 
@@ -107,8 +108,7 @@ class Subscriber(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data if self.buf else data
@@ -141,8 +141,7 @@ class WsServer(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.room is not None and self.transport is not None:
@@ -173,8 +172,9 @@ class WsServer(asyncio.Protocol):
             k, _, v = line.partition(b":")
             headers[k.strip().lower()] = v.strip()
         if path == b"/healthz":
-            tr.write(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\nConnection: close\r\n\r\n"
-                     b'{"status":"ok"}')
+            tr.write(
+                b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\nConnection: close\r\n\r\n{"status":"ok"}'
+            )
             tr.close()
             return
         key = headers.get(b"sec-websocket-key")

@@ -1,0 +1,1 @@
+"""livegift's load generator and peer comparison (``python -m loadtest``)."""
