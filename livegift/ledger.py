@@ -178,6 +178,13 @@ class Ledger:
         self._scripts: dict[str, AsyncScript] = {}
         self._gifts = _Pipeliner(self.redis, self._script("gift"))
 
+    async def load_scripts(self) -> None:
+        """Load every script up front, so the first calls don't meet NOSCRIPT."""
+        lua = resources.files("livegift").joinpath("lua")
+        for entry in lua.iterdir():
+            if entry.name.endswith(".lua") and not entry.name.startswith("_"):
+                await self.redis.script_load(script_source(entry.name[:-4]))
+
     def _script(self, name: str) -> AsyncScript:
         script = self._scripts.get(name)
         if script is None:

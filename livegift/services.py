@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
 
 from livegift import keys
 from livegift.broker import Broker
@@ -17,6 +19,7 @@ from livegift.hub import Hub
 from livegift.ledger import Ledger
 
 PRESENCE_TTL_MS = 6000
+log = logging.getLogger("livegift")
 
 
 def connect(url: str, max_connections: int) -> Redis:
@@ -45,6 +48,11 @@ class Services:
         redis = connect(settings.redis_url, settings.redis_max_connections)
         catalog = default_catalog()
         ledger = Ledger(redis, settings, catalog)
+        try:
+            await ledger.load_scripts()
+        except (OSError, RedisError) as exc:
+            # Not fatal: scripts load themselves on first use once Redis is reachable.
+            log.warning("could not preload Lua scripts: %s", exc)
         pubsub_redis = Redis.from_url(settings.redis_url)
         hub = Hub(
             lambda on_message, on_reconnect: Broker(pubsub_redis, on_message, on_reconnect),
