@@ -377,8 +377,8 @@ class Ledger:
 
         Each entry: ``id`` (ledger-wide, increasing), ``ts`` (server ms), ``kind``
         (purchase, gift_debit, gift_credit, payout, payout_reversal), ``account``,
-        ``asset`` (coins or diamonds), ``amount`` (signed), ``balance_after`` (the
-        account's balance in that asset right after the entry), ``counterparty``,
+        ``asset`` (coins or diamonds), ``amount`` (signed), ``balance`` (the account's
+        balance in that asset right after the entry), ``counterparty``,
         ``reference`` (the store txn, gift req or payout id) and ``room`` (gifts only).
         The cursor is the id of the last entry returned; None when there is no more.
         """
@@ -491,7 +491,7 @@ async def _entries(redis: Redis, sids: list[bytes]) -> list[dict[str, Any]]:
                 "account": f["account"],
                 "asset": f["asset"],
                 "amount": int(f["amount"]),
-                "balance_after": int(f["balance"]),
+                "balance": int(f["balance"]),
                 "counterparty": f["counterparty"],
                 "reference": f["ref"],
                 "room": f["room"] or None,

@@ -49,7 +49,9 @@ def plot_run(result: dict[str, Any], path: Path) -> Path:
     ax1.set_ylabel("latency (ms)")
     ax1.set_yscale("symlog", linthresh=10)
     # symlog leaves a narrow range with no labelled ticks; label 1-2-3-5 steps in ms.
-    ax1.yaxis.set_major_locator(FixedLocator([v * 10**e for e in range(0, 5) for v in (1, 2, 3, 5)]))
+    ax1.yaxis.set_major_locator(
+        FixedLocator([v * 10**e for e in range(0, 5) for v in (1, 2, 3, 5)])
+    )
     ax1.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax1.grid(True, which="major", alpha=0.3)
     ax1.grid(True, alpha=0.3)

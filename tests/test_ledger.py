@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis as sync_redis
@@ -138,6 +140,124 @@ async def test_reconcile_names_the_account_that_differs(ledger: Ledger, redis_ur
         timeout=60,
     )
     assert cli.returncode == 1 and fan.id in cli.stdout
+
+
+async def test_reconcile_is_consistent_while_money_moves(ledger: Ledger) -> None:
+    """A live store: reconcile reads consistent cuts, so traffic is not a false alarm."""
+    fast = Ledger(ledger.redis, SETTINGS.with_(gift_rate=10**6, gift_burst=10**6), ledger.catalog)
+    creator = User(uid("c"), "C")
+    fans = [User(uid("f"), "F") for _ in range(4)]
+    room, _ = await fast.start_stream(creator, "t")
+    for fan in fans:
+        await buy(fast, fan)
+    await fast.gift(fans[0], room, "big", fast.catalog.gift("galaxy"), 5, adult=True)
+    stop = asyncio.Event()
+
+    async def gifting(fan: User) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            await fast.gift(fan, room, f"r{n}", fast.catalog.gift("rose"), 1, adult=True)
+
+    async def cashing_out() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            split = payout_split(1000, SETTINGS.commission_bps)
+            try:
+                await fast.create_payout(creator, f"po_live{n}", split, "fp", f"k{n}")
+            except InsufficientFunds:  # paid ones keep the diamonds; roses refill slowly
+                await asyncio.sleep(0.01)
+                continue
+            await fast.settle_payout(f"po_live{n}", "paid" if n % 4 == 0 else "failed")
+
+    tasks = [asyncio.create_task(gifting(f)) for f in fans] + [asyncio.create_task(cashing_out())]
+    client = sync_redis.Redis.from_url(db_url_of(ledger))
+    try:
+        await asyncio.sleep(0.2)
+        reports = [await asyncio.to_thread(reconcile, client, None) for _ in range(4)]
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert all(r.ok for r in reports), [r.problems[:3] for r in reports]
+    assert reports[0].entries < reports[-1].entries  # money was moving throughout
+    final = reconcile(client, progress=None)
+    client.close()
+    assert final.ok and final.payouts > 0
+    assert final.minted == final.coins + final.diamonds + final.held
+
+
+TAMPERING = [
+    "wallet",
+    "minted counter",
+    "held counter",
+    "payout gross",
+    "payout status",
+    "payout unknown status",
+    "payout hash deleted",
+    "payout entry deleted",
+    "gift entry deleted",
+    "forged debit",
+    "wallet before a later entry",
+]
+
+
+@pytest.mark.parametrize("how", TAMPERING)
+async def test_reconcile_catches_tampering(ledger: Ledger, how: str) -> None:
+    creator, fan = User(uid("c"), "C"), User(uid("f"), "F")
+    room, _ = await ledger.start_stream(creator, "t")
+    await buy(ledger, fan)
+    await ledger.gift(fan, room, "g1", ledger.catalog.gift("galaxy"), 3, adult=True)
+    split = payout_split(1000, SETTINGS.commission_bps)
+    await ledger.create_payout(creator, "po_a", split, "fp", "ka")
+    await ledger.create_payout(creator, "po_b", split, "fp", "kb")
+    await ledger.settle_payout("po_a", "failed")
+    client = sync_redis.Redis.from_url(db_url_of(ledger))
+    assert reconcile(client, progress=None).ok
+    r: Any = ledger.redis
+    entries = await r.xrange(keys.LEDGER)  # purchase, debit, credit, payout, payout, reversal
+    expect = {
+        "wallet": f"account {creator.id}: diamonds",
+        "minted counter": "minted counter",
+        "held counter": "held counter",
+        "payout gross": "payout po_b: gross 1001 != net 500 + commission 500",
+        "payout status": "payout po_b is failed: expected 1 reversal",
+        "payout unknown status": "payout po_b: unknown status 'lost'",
+        "payout hash deleted": "payout po_b, which does not exist",
+        "payout entry deleted": "payout po_b: expected one payout entry",
+        "gift entry deleted": "id 3 follows 1",
+        "forged debit": "gift debit without its credit",
+        "wallet before a later entry": f"account {fan.id}: entry 7 says coins balance",
+    }[how]
+    if how == "wallet":
+        await r.hincrby(keys.wallet(creator.id), "diamonds", -1)
+    elif how == "minted counter":
+        await r.incrby(keys.MINTED, 7)
+    elif how == "held counter":
+        await r.incrby(keys.HELD, 1)
+    elif how == "payout gross":
+        await r.hset(keys.payout("po_b"), "gross", 1001)
+    elif how == "payout status":
+        await r.hset(keys.payout("po_b"), "status", "failed")
+    elif how == "payout unknown status":
+        await r.hset(keys.payout("po_b"), "status", "lost")
+    elif how == "payout hash deleted":
+        await r.delete(keys.payout("po_b"))
+    elif how == "payout entry deleted":
+        await r.xdel(keys.LEDGER, entries[4][0])
+    elif how == "gift entry deleted":
+        await r.xdel(keys.LEDGER, entries[1][0])
+    elif how == "forged debit":
+        fields = {k.decode(): v for k, v in entries[1][1].items()}
+        await r.xadd(keys.LEDGER, {**fields, "id": await r.incr(keys.ENTRY_SEQ)})
+    elif how == "wallet before a later entry":
+        await r.hincrby(keys.wallet(fan.id), "coins", 5)
+        await ledger.gift(fan, room, "g2", ledger.catalog.gift("rose"), 1, adult=True)
+    report = reconcile(client, progress=None)
+    client.close()
+    assert not report.ok
+    assert any(expect in p for p in report.problems), report.problems
+    assert "FAILED" in report.render()
 
 
 def test_reconcile_holds_on_the_shared_test_database(redis_url: str) -> None:
