@@ -76,6 +76,52 @@ class Recharge:
     replayed: bool
 
 
+def gift_call(
+    s: Settings, user: User, room: str, req: str, gift: Gift, count: int, adult: bool, creator: str
+) -> tuple[list[str], list[Any]]:
+    """The KEYS and ARGV of one gift.lua call (see the script's header)."""
+    shout = s.auto_shoutout_template.format(name=user.name, gift=gift.name, count=count)
+    keys_ = [
+        keys.wallet(user.id),
+        keys.wallet(creator),
+        keys.room(room),
+        keys.gift_req(user.id, req),
+        keys.combo(room, user.id),
+        keys.top(room),
+        keys.history(room),
+        keys.LEDGER,
+        keys.account(user.id),
+        keys.account(creator),
+        keys.rate(user.id),
+        keys.spend(user.id, today()),
+        keys.name(user.id),
+        keys.ENTRY_SEQ,
+    ]
+    args: list[Any] = [
+        user.id,
+        user.name,
+        "1" if adult else "0",
+        room,
+        req,
+        gift.id,
+        gift.name,
+        gift.coins,
+        "1" if gift.streakable else "0",
+        count,
+        s.gift_rate,
+        s.gift_burst,
+        s.daily_spend_cap,
+        s.auto_shoutout_coins,
+        shout[:200],
+        s.combo_window_ms,
+        s.history_len,
+        s.history_seconds * 1000,
+        keys.channel(room),
+        creator,
+    ]
+    return keys_, args
+
+
 class _Pipeliner:
     """Sends the calls of one script made in the same loop tick as one pipeline.
 
@@ -245,51 +291,11 @@ class Ledger:
     ) -> GiftOutcome:
         """Send a gift. ``creator`` is the room's creator when the caller knows it (a room's
         creator never changes); the script checks it against the room either way."""
-        s = self.settings
         if creator is None:
             creator = await self.room_creator(room) or "-"
-        shout = s.auto_shoutout_template.format(name=user.name, gift=gift.name, count=count)
+        keys_, args = gift_call(self.settings, user, room, req, gift, count, adult, creator)
         try:
-            raw = await self._gifts.call(
-                [
-                    keys.wallet(user.id),
-                    keys.wallet(creator),
-                    keys.room(room),
-                    keys.gift_req(user.id, req),
-                    keys.combo(room, user.id),
-                    keys.top(room),
-                    keys.history(room),
-                    keys.LEDGER,
-                    keys.account(user.id),
-                    keys.account(creator),
-                    keys.rate(user.id),
-                    keys.spend(user.id, today()),
-                    keys.name(user.id),
-                    keys.ENTRY_SEQ,
-                ],
-                [
-                    user.id,
-                    user.name,
-                    "1" if adult else "0",
-                    room,
-                    req,
-                    gift.id,
-                    gift.name,
-                    gift.coins,
-                    "1" if gift.streakable else "0",
-                    count,
-                    s.gift_rate,
-                    s.gift_burst,
-                    s.daily_spend_cap,
-                    s.auto_shoutout_coins,
-                    shout[:200],
-                    s.combo_window_ms,
-                    s.history_len,
-                    s.history_seconds * 1000,
-                    keys.channel(room),
-                    creator,
-                ],
-            )
+            raw = await self._gifts.call(keys_, args)
         except redis_errors.RedisError as exc:
             raise _raise(exc) from None
         data = orjson.loads(raw)

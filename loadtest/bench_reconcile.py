@@ -37,10 +37,11 @@ from typing import Any
 import redis
 
 from livegift import embedded, keys
+from livegift.auth import User
 from livegift.catalog import default_catalog
 from livegift.config import Settings
 from livegift.embedded import EmbeddedRedis
-from livegift.ledger import pack_evalsha, script_source, today
+from livegift.ledger import gift_call, pack_evalsha, script_source
 from livegift.reconcile import reconcile
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,7 +66,7 @@ class Filler:
         self.viewers = [f"v{i:06d}" for i in range(users)]
         self.creators = [f"c{i:04d}" for i in range(rooms)]
         self.rooms = [f"room{i:04d}" for i in range(rooms)]
-        self.day = today()
+        self.rose = self.catalog.gift("rose")
         self.reqs = 0
 
     def start_rooms(self) -> None:
@@ -126,52 +127,12 @@ class Filler:
         return len(self.viewers)
 
     def _gift(self, user: str, room_i: int, count: int) -> bytes:
-        s, room, creator = self.settings, self.rooms[room_i], self.creators[room_i]
-        gift = self.catalog.gift("rose")
+        room, creator = self.rooms[room_i], self.creators[room_i]
         self.reqs += 1
-        req = f"b{self.reqs}"
-        shout = s.auto_shoutout_template.format(name=user, gift=gift.name, count=count)
-        return pack_evalsha(
-            self.sha["gift"],
-            [
-                keys.wallet(user),
-                keys.wallet(creator),
-                keys.room(room),
-                keys.gift_req(user, req),
-                keys.combo(room, user),
-                keys.top(room),
-                keys.history(room),
-                keys.LEDGER,
-                keys.account(user),
-                keys.account(creator),
-                keys.rate(user),
-                keys.spend(user, self.day),
-                keys.name(user),
-                keys.ENTRY_SEQ,
-            ],
-            [
-                user,
-                user,
-                "1",
-                room,
-                req,
-                gift.id,
-                gift.name,
-                gift.coins,
-                "1" if gift.streakable else "0",
-                count,
-                s.gift_rate,
-                s.gift_burst,
-                s.daily_spend_cap,
-                s.auto_shoutout_coins,
-                shout[:200],
-                s.combo_window_ms,
-                s.history_len,
-                s.history_seconds * 1000,
-                keys.channel(room),
-                creator,
-            ],
+        keys_, args = gift_call(
+            self.settings, User(user, user), room, f"b{self.reqs}", self.rose, count, True, creator
         )
+        return pack_evalsha(self.sha["gift"], keys_, args)
 
     def gifts(self, n: int, on_progress: Callable[[int], None]) -> None:
         """n one-rose gifts (two entries each), viewers round-robin over the rooms."""
