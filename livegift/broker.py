@@ -37,6 +37,7 @@ class Broker:
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._refs: dict[bytes, int] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -56,6 +57,9 @@ class Broker:
     async def subscribe(self, room: str) -> None:
         channel = keys.channel(room).encode()
         self._rooms[channel] = room
+        # Counted, so that an unsubscribe left over from a room dropped a moment ago
+        # cannot cancel this newer subscription.
+        self._refs[channel] = self._refs.get(channel, 0) + 1
         future = asyncio.get_running_loop().create_future()
         self._confirm[channel] = future
         async with self._lock:
@@ -65,10 +69,16 @@ class Broker:
 
     async def unsubscribe(self, room: str) -> None:
         channel = keys.channel(room).encode()
+        refs = self._refs.get(channel, 0) - 1
+        if refs > 0:
+            self._refs[channel] = refs
+            return
+        self._refs.pop(channel, None)
         self._rooms.pop(channel, None)
         with contextlib.suppress(redis_errors.RedisError):
             async with self._lock:
-                await self._pubsub.unsubscribe(channel)
+                if channel not in self._refs:  # nobody subscribed again meanwhile
+                    await self._pubsub.unsubscribe(channel)
 
     async def latest_seq(self, room: str) -> int:
         raw = await self.redis.hget(keys.room(room), "seq")

@@ -24,6 +24,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from livegift.broker import Broker
+from livegift.errors import Unavailable
 from livegift.metrics import DELIVERIES, FANOUT_BATCH, FANOUT_LATENCY, ROOMS, SLOW_CLOSES
 from livegift.protocol import JSON, MSGPACK, Codec
 from livegift.writer import Sink
@@ -54,7 +55,7 @@ def encode_events(codec: Codec, events: list[bytes]) -> bytes:
 
 
 class Member:
-    __slots__ = ("backlog", "head", "sink", "user")
+    __slots__ = ("backlog", "caught", "head", "sink", "user")
 
     def __init__(self, user: str, sink: Sink) -> None:
         self.user = user
@@ -62,6 +63,8 @@ class Member:
         self.backlog: list[bytes] | None = None
         # The seq in this member's welcome: it gets every durable event after it.
         self.head = 0
+        # Resuming: replay written, waiting for this process to reach its head.
+        self.caught = False
 
 
 Writer = Callable[[bytes], None]
@@ -189,9 +192,12 @@ class Hub:
                 room.last_seq = room.flushed_seq = await self.broker.latest_seq(room_id)
             except BaseException as exc:
                 room.joining -= 1
-                room.ready.set_exception(exc)
+                # Waiters get a plain error even when this joiner was cancelled.
+                failed = exc if isinstance(exc, Exception) else Unavailable("room join aborted")
+                room.ready.set_exception(failed)
                 room.ready.exception()  # mark retrieved
                 self._forget(room)
+                self._spawn(self.broker.unsubscribe(room_id))
                 raise
             room.ready.set_result(None)
             early, room.early = room.early, []
@@ -209,12 +215,18 @@ class Hub:
                 raise
         room.joining -= 1
         sink = member.sink
-        head = member.head = room.last_seq
+        head = room.last_seq
+        # A member resuming from a seq this process has not seen yet (another worker was
+        # ahead) must not get anything up to that seq again.
+        member.head = head if since is None else max(head, since)
         viewers = max(room.viewers, room.count() + 1)
         sink.write(sink.codec.frame(sink.codec.encode(welcome(head, viewers))))
         sink.on_close = lambda: room.detach(member)
         if since is None:
-            self._attach(room, member)
+            if room.ended:
+                sink.close(4404, "unknown or ended room")
+            else:
+                self._attach(room, member)
             return
         member.backlog = []
         room.catching.add(member)
@@ -227,9 +239,18 @@ class Hub:
         complete = since >= head or (bool(replay) and event_seq(replay[0]) == since + 1)
         if replay:
             sink.write(encode_events(sink.codec, replay))
-        resumed = {"type": "resumed", "from": since + 1, "to": head, "complete": complete}
+        resumed = {"type": "resumed", "from": since + 1, "to": member.head, "complete": complete}
         sink.write(sink.codec.frame(sink.codec.encode(resumed)))
+        if room.last_seq >= member.head:
+            self._catch_up(room, member)
+        else:
+            member.caught = True  # attached by _flush once this process reaches its head
+
+    def _catch_up(self, room: Room, member: Member) -> None:
+        """Write what a resuming member gathered while replaying, then make it live."""
+        sink = member.sink
         backlog, member.backlog = member.backlog, None
+        member.caught = False
         room.catching.discard(member)
         if backlog:
             sink.write(encode_events(sink.codec, backlog))
@@ -399,9 +420,14 @@ class Hub:
                 if index < len(events):
                     sink.write(encode_events(sink.codec, events[index:]))
                 room.writers[sink.codec][member] = sink.writer
+        ready: list[Member] = []
         for member in room.catching:
             if member.backlog is not None:
                 member.backlog.extend(e for e in events if event_seq(e) > member.head)
+                if member.caught and room.last_seq >= member.head:
+                    ready.append(member)
+        for member in ready:
+            self._catch_up(room, member)
         done = time.perf_counter()
         room.window = min(self.max_batch_s, 2 * (done - started))
         DELIVERIES.inc(delivered * len(events))

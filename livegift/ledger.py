@@ -158,6 +158,14 @@ class _Pipeliner:
             results = [exc] * len(batch)
         except OSError as exc:
             results = [redis_errors.ConnectionError(str(exc))] * len(batch)
+        except BaseException as exc:
+            # Never leave a caller waiting: fail them all, then let the error go on.
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(
+                        redis_errors.ConnectionError(f"gift batch failed: {exc!r}")
+                    )
+            raise
         for (_, _, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue

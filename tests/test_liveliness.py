@@ -143,3 +143,27 @@ async def test_joining_mid_batch_gets_no_duplicates(server_factory: object) -> N
         assert extra is None
     for c in (sender, plain, resumer):
         await c.close()
+
+
+async def test_resume_from_a_seq_ahead_of_this_process_gets_nothing_twice(
+    live_server: LiveServer,
+) -> None:
+    """With several workers, a client may have seen a seq this worker has not yet."""
+    room, _, _ = await stream(live_server)
+    user, token = await viewer(live_server)
+    sender = await Client.open(live_server.ws(room, token))
+    await sender.gift("h1")
+    ahead = await Client.open(live_server.ws(room, live_server.token(uid()), since=2))
+    assert (await ahead.next())["seq"] == 1
+    resumed = await ahead.next()
+    assert resumed["type"] == "resumed" and resumed["to"] == 2
+    for i in range(2, 5):
+        await sender.gift(f"h{i}")
+    seqs: list[int] = []
+    while len(seqs) < 2:
+        event = await ahead.next()
+        if event.get("seq"):
+            seqs.append(event["seq"])
+    assert seqs == [3, 4]
+    await sender.close()
+    await ahead.close()

@@ -223,6 +223,17 @@ class FastWebSocket(asyncio.Protocol):
 
     async def _open(self, services: Services, join: Join) -> None:
         try:
+            await self._join(services, join)
+        finally:
+            # Whatever happened (an error, or a cancellation that was not ours), a socket
+            # that did not make it into its room is closed rather than left hanging.
+            if self.state == OPENING:
+                self.close(1011, "could not join the room")
+        if self.state == OPEN:
+            await self._run_ops()
+
+    async def _join(self, services: Services, join: Join) -> None:
+        try:
             info = await services.ledger.room(join.room) if join.room else None
         except Unavailable as exc:
             self.close(1013, exc.message[:100])
@@ -253,9 +264,8 @@ class FastWebSocket(asyncio.Protocol):
             log.exception("join failed")
             self.close(1011, "server error")
             return
-        if self.state == OPENING:
+        if self.state == OPENING and not self.closed:
             self.state = OPEN
-        await self._run_ops()
 
     # -- client frames -------------------------------------------------------------------
 
@@ -279,7 +289,7 @@ class FastWebSocket(asyncio.Protocol):
             if opcode >= 8 and (n > 125 or not b0 & 0x80):
                 self._fail(1002, "protocol error: bad control frame")
                 return
-            pending = len(self._frag) if self._frag is not None else 0
+            pending = len(self._frag) if self._frag is not None and opcode == 0 else 0
             if n + pending > MAX_FRAME:
                 self._fail(1009, "frame too big")
                 return
@@ -296,9 +306,13 @@ class FastWebSocket(asyncio.Protocol):
         elif opcode == 0xA:  # pong
             pass
         elif opcode == 0x8:  # close
+            if len(payload) == 1:
+                self._fail(1002, "protocol error: close frame with a 1-byte payload")
+                return
             code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1000
             if self.state != CLOSING:
-                self._write_control(close_frame(code if 1000 <= code < 5000 else 1000))
+                sendable = 1000 <= code < 5000 and code not in (1004, 1005, 1006, 1015)
+                self._write_control(close_frame(code if sendable else 1000))
             self.state = CLOSING
             if not self.closed:
                 self.closed = True

@@ -62,7 +62,13 @@ async def healthz(request: Request) -> Response:
     try:
         await services_of(request).redis.ping()
     except (redis_errors.RedisError, OSError):
-        return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse(
+            {
+                "status": "unavailable",
+                "error": {"code": "unavailable", "message": "the data store is unreachable"},
+            },
+            status_code=503,
+        )
     return JSONResponse({"status": "ok"})
 
 
