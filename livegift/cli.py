@@ -172,6 +172,33 @@ async def _serve_one(settings: Settings, args: argparse.Namespace, common: dict[
                 await task
 
 
+def cmd_redis(args: argparse.Namespace) -> int:
+    """Run livegift's Redis-compatible server in the foreground (the Procfile's redis)."""
+    from livegift.embedded import EmbeddedError, config_file, find_server_binary
+
+    settings = _settings()
+    try:
+        binary = find_server_binary()
+    except EmbeddedError as exc:
+        print(f"livegift redis: {exc}", file=sys.stderr)
+        return 2
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    conf = config_file()
+    argv = [binary, *([str(conf)] if conf else ["--appendonly", "yes", "--appendfsync", "always"])]
+    argv += [
+        "--port",
+        str(args.port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(settings.data_dir.resolve()),
+    ]
+    print(f"livegift redis: {binary} on 127.0.0.1:{args.port}, data in {settings.data_dir.resolve()}",
+          flush=True)  # fmt: skip
+    os.execv(binary, argv)
+    return 0  # pragma: no cover - execv does not return
+
+
 # -- tokens and receipts ---------------------------------------------------------------
 
 
@@ -394,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-ms", type=int, default=None, help="fan-out batch window in ms")
     s.add_argument("--access-log", action="store_true")
     s.set_defaults(func=cmd_serve)
+
+    rd = sub.add_parser("redis", help="run the Redis-compatible server in the foreground")
+    rd.add_argument("--port", type=int, default=6399)
+    rd.set_defaults(func=cmd_redis)
 
     t = sub.add_parser("token", help="print a signed user token (development and tests)")
     t.add_argument("user")

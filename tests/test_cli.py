@@ -132,3 +132,28 @@ def test_serve_demo_prints_working_urls(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(unit(20))
     assert run("reconcile", "--quiet", env=env).returncode == 0
+
+
+def test_procfile_runs_redis_and_web_with_honcho(tmp_path: Path) -> None:
+    honcho = Path(sys.executable).parent / "honcho"
+    env = {k: v for k, v in ENV.items() if k != "REDIS_URL"}
+    env.update(LIVEGIFT_DATA_DIR=str(tmp_path / "data"), REDIS_PORT=str(free_port()),
+               PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")  # fmt: skip
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(honcho), "start", "-f", str(ROOT / "Procfile"), "-p", str(port - 100), "-d", str(ROOT)],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + unit(30)
+        while True:  # honcho gives the second process type (web) port + 100
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "honcho did not bring the app up"
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(unit(20))
