@@ -77,7 +77,6 @@ class Room:
         "ended",
         "filling",
         "first_pending",
-        "flushed_seq",
         "handle",
         "id",
         "joiners",
@@ -108,7 +107,6 @@ class Room:
         self.first_pending = 0.0
         self.handle: asyncio.TimerHandle | asyncio.Handle | None = None
         self.last_seq = 0
-        self.flushed_seq = 0
         self.ready: asyncio.Future[None] = loop.create_future()
         self.early: list[bytes] = []
         self.stash: dict[int, bytes] = {}
@@ -189,7 +187,7 @@ class Hub:
             room.joining += 1
             try:
                 await self.broker.subscribe(room_id)
-                room.last_seq = room.flushed_seq = await self.broker.latest_seq(room_id)
+                room.last_seq = await self.broker.latest_seq(room_id)
             except BaseException as exc:
                 room.joining -= 1
                 # Waiters get a plain error even when this joiner was cancelled.
@@ -295,10 +293,6 @@ class Hub:
         if room.handle is not None:
             room.handle.cancel()
 
-    def local_count(self, room_id: str) -> int:
-        room = self.rooms.get(room_id)
-        return room.count() if room else 0
-
     # -- events in -----------------------------------------------------------------------
 
     def on_message(self, room_id: str, data: bytes) -> None:
@@ -403,7 +397,6 @@ class Hub:
             return
         started = time.perf_counter()
         room.pending = []
-        room.flushed_seq = room.last_seq
         delivered = 0
         for codec, writers in room.writers.items():
             if writers:

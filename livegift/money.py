@@ -19,7 +19,3 @@ def payout_split(diamonds: int, commission_bps: int) -> PayoutSplit:
     gross = diamonds
     net = gross * (10_000 - commission_bps) // 10_000
     return PayoutSplit(gross, gross - net, net)
-
-
-def gift_cost(coins: int, count: int) -> int:
-    return coins * count
