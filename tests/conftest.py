@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import pytest
 
 from livegift import auth
 from livegift.catalog import default_catalog
-from livegift.embedded import EmbeddedRedis, free_port
+from livegift.embedded import STATE_FILE, EmbeddedRedis, free_port
 
 SECRET = "test-secret-0123456789abcdef0123456789"
 PAYMENT_SECRET = "test-payment-secret-0123456789abcdef01"
@@ -183,16 +184,33 @@ def live_server(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     server.close()
 
 
+@pytest.fixture(scope="module")
+def server_env() -> dict[str, str]:
+    """Environment every server of a test module gets (a module may override this)."""
+    return {}
+
+
 @pytest.fixture
-def server_factory(redis_url: str, tmp_path: Path) -> Iterator[Any]:
+def server_factory(redis_url: str, tmp_path: Path, server_env: dict[str, str]) -> Iterator[Any]:
     """Start extra servers with their own environment (stopped after the test)."""
     started: list[LiveServer] = []
 
     def make(env: dict[str, str] | None = None, url: str | None = None) -> LiveServer:
-        server = LiveServer(url or redis_url, env, log=tmp_path / f"server{len(started)}.log")
+        merged = {**server_env, **(env or {})}
+        server = LiveServer(url or redis_url, merged, log=tmp_path / f"server{len(started)}.log")
         started.append(server)
         return server.start()
 
     yield make
     for server in started:
         server.close()
+
+
+def crash_and_restart(redis: EmbeddedRedis, port: int) -> None:
+    """kill -9 a Redis (no shutdown, no final fsync) and start it again on its data."""
+    assert redis.process is not None
+    os.kill(redis.process.pid, signal.SIGKILL)
+    redis.process.wait()
+    redis.process = None
+    (redis.data_dir / STATE_FILE).unlink()
+    redis.start(port=port)

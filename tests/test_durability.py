@@ -15,7 +15,15 @@ import psutil
 import pytest
 
 from livegift.embedded import EmbeddedRedis, free_port
-from tests.conftest import PAYMENT_SECRET, ROOT, SECRET, LiveServer, uid, unit
+from tests.conftest import (
+    PAYMENT_SECRET,
+    ROOT,
+    SECRET,
+    LiveServer,
+    crash_and_restart,
+    uid,
+    unit,
+)
 from tests.wsclient import Client
 
 
@@ -37,12 +45,7 @@ async def test_acked_gift_and_purchase_survive_redis_kill_9(
         ack = await client.gift("before-kill", "donut", 3)
         assert ack["ok"] and ack["balance"] == 240
         await client.close()
-        assert redis.process is not None
-        os.kill(redis.process.pid, signal.SIGKILL)  # no shutdown, no final fsync
-        redis.process.wait()
-        redis.process = None
-        (tmp_path / "data" / "server.json").unlink()
-        redis.start(port=port)
+        crash_and_restart(redis, port)
         wallet = server.get("/api/wallet", token)
         for _ in range(50):  # the server's pool reconnects on its own
             if wallet.status_code == 200:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 from pathlib import Path
 
 from livegift.embedded import EmbeddedRedis, free_port
-from tests.conftest import LiveServer, uid
+from tests.conftest import LiveServer, crash_and_restart, uid
 from tests.wsclient import Client
 
 
@@ -29,13 +27,7 @@ async def test_members_keep_receiving_after_redis_restarts(
         await watcher.next()
         sender = await Client.open(server.ws(room, token))
         assert (await sender.gift("one"))["seq"] == 1
-        assert process_pid(redis)
-        os.kill(process_pid(redis), signal.SIGKILL)
-        assert redis.process is not None
-        redis.process.wait()
-        redis.process = None
-        (tmp_path / "data" / "server.json").unlink()
-        redis.start(port=port)
+        crash_and_restart(redis, port)
         deadline = time.monotonic() + 15
         ack: dict[str, object] = {}
         n = 0
@@ -56,8 +48,3 @@ async def test_members_keep_receiving_after_redis_restarts(
         await sender.close()
     finally:
         redis.stop()
-
-
-def process_pid(redis: EmbeddedRedis) -> int:
-    assert redis.process is not None
-    return redis.process.pid

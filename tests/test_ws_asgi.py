@@ -30,26 +30,15 @@ from tests.test_ws import (  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def live_server(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def server_env() -> dict[str, str]:
+    return {"LIVEGIFT_WS": "asgi"}
+
+
+@pytest.fixture(scope="module")
+def live_server(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory, server_env: dict[str, str]
+) -> Iterator[LiveServer]:
     log: Path = tmp_path_factory.mktemp("asgi") / "server.log"
-    server = LiveServer(redis_url, {"LIVEGIFT_WS": "asgi"}, log=log).start()
+    server = LiveServer(redis_url, server_env, log=log).start()
     yield server
     server.close()
-
-
-@pytest.fixture
-def server_factory(redis_url: str, tmp_path: Path) -> Iterator[object]:
-    started: list[LiveServer] = []
-
-    def make(env: dict[str, str] | None = None, url: str | None = None) -> LiveServer:
-        server = LiveServer(
-            url or redis_url,
-            {"LIVEGIFT_WS": "asgi", **(env or {})},
-            log=tmp_path / f"server{len(started)}.log",
-        )
-        started.append(server)
-        return server.start()
-
-    yield make
-    for server in started:
-        server.close()
