@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import procs, report, runner
+from . import probes, procs, report, runner
 from .targets import Kind
 
 DEFAULT_KINDS: tuple[Kind, ...] = ("livegift", "raw", "socketio", "channels")
@@ -77,7 +77,7 @@ def compare(base: runner.RunConfig, kinds: list[Kind], client_cpus: str | None) 
     summary = {
         "tool": "livegift-loadtest compare",
         "params": params,
-        "machine": runner.machine_info(),
+        "machine": probes.machine_info(),
         "results": [
             {
                 k: r[k]
