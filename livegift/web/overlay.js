@@ -28,7 +28,9 @@
   var MAX_QUEUE = 100;
   if (p.get("debug") === "1") document.body.classList.add("debug");
 
-  var statusNode = $("status");
+  // Shown only with ?debug=1, except a failed state (an expired token...), which the CSS
+  // always shows. The overlay has no message region.
+  var status = new L.PageStatus({ status: $("status") });
   var alertsNode = $("alerts");
 
   // ------------------------------------------------------------ alert queue
@@ -217,9 +219,7 @@
         onGift(ev);
       }
     },
-    onStatus: function (state, detail) {
-      L.showStatus(statusNode, state, detail);
-    }
+    onStatus: status.onStatus
   });
   window.overlay = {
     client: client,

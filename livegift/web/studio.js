@@ -7,11 +7,8 @@
   var $ = function (id) { return document.getElementById(id); };
 
   var tiers = L.parseTiers(ctx.params.get("tiers"));
-  var statusNode = $("status");
-  var messageNode = $("message");
   var endBtn = $("end-stream");
   var templateInput = $("shoutout-text");
-  var ended = false;
   var welcomeSeq = null;
   var snapshotAsked = false;
   var sawLeaderboard = false;
@@ -20,6 +17,19 @@
   var titleFromServer = false;
 
   $("room-id").textContent = "Room " + ctx.room;
+
+  // The connection state, errors, and the end of the stream (from any source).
+  var status = new L.PageStatus({
+    status: $("status"),
+    message: $("message"),
+    onEnded: function () {
+      endBtn.disabled = true;
+      endBtn.classList.remove("armed");
+      endBtn.textContent = "Stream ended";
+      Array.prototype.forEach.call(document.querySelectorAll(".shoutout-btn"), function (b) { b.disabled = true; });
+      feed.notice("The stream has ended.", "ended");
+    }
+  });
 
   // ------------------------------------------------------------ totals
 
@@ -59,13 +69,13 @@
       "aria-label": "Shout out to " + name, dataset: { user: user.id || "" } });
     var label = compact ? "\u{1F4E3}" : "Shout-out";
     btn.textContent = label;
-    if (ended) btn.disabled = true;
+    if (status.ended) btn.disabled = true;
     btn.addEventListener("click", function () { sendShoutout(user, btn, label); });
     return btn;
   }
 
   function sendShoutout(user, btn, label) {
-    if (!user || !user.id || ended) return;
+    if (!user || !user.id || status.ended) return;
     btn.disabled = true;
     btn.textContent = label === "Shout-out" ? "Sending\u2026" : "\u2026";
     client.request({ op: "shoutout", to: user.id, text: shoutoutText(user) }).then(function () {
@@ -74,12 +84,12 @@
       setTimeout(function () {
         btn.textContent = label;
         btn.classList.remove("sent");
-        btn.disabled = ended;
+        btn.disabled = status.ended;
       }, 2500);
     }, function (err) {
       btn.textContent = label;
-      btn.disabled = ended;
-      L.showMessage(messageNode, L.errorText(err.code, err.message, "shoutout"), "error", 6000);
+      btn.disabled = status.ended;
+      status.error(err, "shoutout", 6000);
     });
   }
 
@@ -124,23 +134,12 @@
         document.title = s.title + " \u00B7 Studio \u00B7 livegift";
       }
       if (s.title && s.creator) $("room-id").textContent = (s.creator.name || s.creator.id) + " \u00B7 room " + ctx.room;
-      if (s.live === false) markEnded();
+      if (s.live === false) status.end();
     }, function (err) {
       snapshotAsked = false;
-      if (err.code === "not_found") L.showMessage(messageNode, L.errorText("not_found"), "error");
+      if (err.code === "not_found") status.error("not_found");
       else setTimeout(loadSnapshot, 2000);
     });
-  }
-
-  function markEnded() {
-    if (ended) return;
-    ended = true;
-    endBtn.disabled = true;
-    endBtn.classList.remove("armed");
-    endBtn.textContent = "Stream ended";
-    Array.prototype.forEach.call(document.querySelectorAll(".shoutout-btn"), function (b) { b.disabled = true; });
-    feed.notice("The stream has ended.", "ended");
-    L.showStatus(statusNode, "ended");
   }
 
   function onEvent(ev, meta) {
@@ -155,7 +154,7 @@
           document.title = (ev.creator.name || ev.creator.id) + " \u00B7 Studio \u00B7 livegift";
         }
         if (me && ev.creator && me.id !== ev.creator.id) {
-          L.showMessage(messageNode, "You're signed in as " + (me.name || me.id) +
+          status.say("You're signed in as " + (me.name || me.id) +
             ", not this stream's creator: shout-outs and ending the stream won't work.", "error");
         }
         loadSnapshot();
@@ -182,7 +181,7 @@
         }
         break;
       case "stream_ended":
-        markEnded();
+        status.end();
         break;
     }
   }
@@ -201,14 +200,7 @@
     token: ctx.token,
     history: true,
     onEvent: onEvent,
-    onStatus: function (state, detail) {
-      if (ended && state !== "ended") return;
-      L.showStatus(statusNode, state, detail);
-      if (state === "ended") markEnded();
-      if (state === "unauthorized" || state === "forbidden" || state === "not_found") {
-        L.showMessage(messageNode, L.errorText(state), "error");
-      }
-    }
+    onStatus: status.onStatus
   });
   window.studio = { client: client, feed: feed };
 
@@ -216,13 +208,13 @@
 
   var armTimer = null;
   endBtn.addEventListener("click", function () {
-    if (ended) return;
+    if (status.ended) return;
     if (!endBtn.classList.contains("armed")) {
       endBtn.classList.add("armed");
       endBtn.textContent = "Confirm: end stream";
       armTimer = setTimeout(function () {
         endBtn.classList.remove("armed");
-        if (!ended) endBtn.textContent = "End stream";
+        if (!status.ended) endBtn.textContent = "End stream";
       }, 5000);
       return;
     }
@@ -230,12 +222,12 @@
     endBtn.disabled = true;
     endBtn.textContent = "Ending\u2026";
     L.api("DELETE", "/api/streams/" + encodeURIComponent(ctx.room), undefined, ctx.token).then(function () {
-      markEnded();
+      status.end();
     }, function (err) {
       endBtn.disabled = false;
       endBtn.classList.remove("armed");
       endBtn.textContent = "End stream";
-      L.showMessage(messageNode, L.errorText(err.code, err.message, "end"), "error", 8000);
+      status.error(err, "end", 8000);
     });
   });
 

@@ -9,20 +9,31 @@
   var region = (ctx.params.get("region") || "US").toUpperCase();
   var tiers = L.parseTiers(ctx.params.get("tiers"));
   var messageNode = $("message");
-  var statusNode = $("status");
   var balanceNode = $("balance");
   var rechargeBtn = $("recharge");
   var packageSelect = $("package");
   var comboBox = $("combo-box");
   var comboNode = $("combo");
-  var ended = false;
   var balance = null;
   var gifts = [];
   var me = null;
 
   $("room-id").textContent = "Room " + ctx.room;
 
-  function say(text, kind, ttl) { L.showMessage(messageNode, text, kind, ttl); }
+  // The connection state, errors and messages, and the end of the stream (from any source).
+  // A room that doesn't exist ends the page too, but the status and message say why.
+  var status = new L.PageStatus({
+    status: $("status"),
+    message: messageNode,
+    endOn: ["not_found"],
+    onEnded: function (reason) {
+      Array.prototype.forEach.call(document.querySelectorAll(".gift-btn"), function (b) { b.disabled = true; });
+      if (reason === "ended") feed.notice("The stream has ended. Thanks for watching!", "ended");
+    },
+    onState: function (state) {
+      if (state === "live") loadWallet();       // balance may have changed while away
+    }
+  });
 
   // ------------------------------------------------------------ balance
 
@@ -49,7 +60,7 @@
     return L.api("GET", "/api/wallet", undefined, ctx.token).then(function (w) {
       if (epoch === balanceEpoch) setBalance(w.coins);
     }, function (err) {
-      say(L.errorText(err.code, err.message), "error");
+      status.error(err);
     });
   }
 
@@ -74,7 +85,7 @@
       });
       if (!packageSelect.value && packageSelect.options.length) packageSelect.selectedIndex = 0;
     }, function (err) {
-      say(L.errorText(err.code, err.message, "recharge"), "error");
+      status.error(err, "recharge");
     });
   }
 
@@ -91,9 +102,9 @@
     }).then(function (res) {
       if (res.balance) { balanceEpoch++; setBalance(res.balance.coins); }
       var added = res.transaction ? res.transaction.coins : null;
-      say(added ? "Added " + L.fmt(added) + " coins to your balance." : "Recharge complete.", "success", 5000);
+      status.say(added ? "Added " + L.fmt(added) + " coins to your balance." : "Recharge complete.", "success", 5000);
     }, function (err) {
-      say(L.errorText(err.code, err.message, "recharge"), "error");
+      status.error(err, "recharge");
     }).then(function () {
       rechargeBtn.disabled = false;
       rechargeBtn.textContent = "Recharge";
@@ -121,7 +132,7 @@
   }
 
   function sendGift(gift, btn) {
-    if (ended) { say(L.errorText("stream_not_live"), "error"); return; }
+    if (status.ended) { status.error("stream_not_live"); return; }
     var count = parseInt($("quantity").value, 10) || 1;
     btn.classList.remove("tapped");
     void btn.offsetWidth;
@@ -130,11 +141,11 @@
     client.request({ op: "gift", req: L.newReq(), gift: gift.id, count: count }).then(function (ack) {
       if (typeof ack.balance === "number") { balanceEpoch++; setBalance(ack.balance); }
       showCombo(gift, typeof ack.combo === "number" ? ack.combo : count);
-      if (!messageNode.hidden && messageNode.dataset.kind === "error") say("", "info");
+      if (!messageNode.hidden && messageNode.dataset.kind === "error") status.say("", "info");
     }, function (err) {
       var text = L.errorText(err.code, err.message);
       if (err.code === "insufficient_funds") text += " Use Recharge above.";
-      say(text, "error", 8000);
+      status.say(text, "error", 8000);
       messageNode.dataset.code = err.code;
     });
   }
@@ -151,7 +162,7 @@
         el("span", { class: "gift-emoji", "aria-hidden": "true", text: L.giftIcon(g.id) }),
         el("span", { class: "gift-label", "aria-hidden": "true", text: g.name }),
         el("span", { class: "gift-price", "aria-hidden": "true", text: coinsLabel }));
-      btn.disabled = ended;
+      btn.disabled = status.ended;
       btn.addEventListener("click", function () { sendGift(g, btn); });
       grid.appendChild(btn);
     });
@@ -163,7 +174,7 @@
       gifts = (data && data.gifts) || [];
       renderGifts();
     }, function (err) {
-      say(L.errorText(err.code, err.message), "error");
+      status.error(err);
       setTimeout(loadGifts, 3000);
     });
   }
@@ -171,15 +182,6 @@
   // ------------------------------------------------------------ live feed
 
   var feed = new L.Feed($("feed"), { tiers: tiers, max: 150 });
-
-  function markEnded(why) {
-    if (ended) return;
-    ended = true;
-    Array.prototype.forEach.call(document.querySelectorAll(".gift-btn"), function (b) { b.disabled = true; });
-    if (why === "not_found") return;            // the status and message already say why
-    feed.notice("The stream has ended. Thanks for watching!", "ended");
-    L.showStatus(statusNode, "ended");
-  }
 
   function onEvent(ev, meta) {
     meta = meta || {};
@@ -200,7 +202,7 @@
       case "shoutout":
         var row = feed.shoutout(ev, meta);
         if (row.dataset.mine === "true" && !meta.history) {
-          say("\u{1F4E3} The creator gave you a shout-out: " + (ev.text || ""), "success", 8000);
+          status.say("\u{1F4E3} The creator gave you a shout-out: " + (ev.text || ""), "success", 8000);
         }
         break;
       case "viewers":
@@ -210,7 +212,7 @@
         if (ev.complete === false && !meta.history) feed.notice("Reconnected; some older events could not be replayed.", "warning");
         break;
       case "stream_ended":
-        markEnded();
+        status.end();
         break;
     }
   }
@@ -220,16 +222,7 @@
     token: ctx.token,
     history: true,
     onEvent: onEvent,
-    onStatus: function (state, detail) {
-      if (ended && state !== "ended") return;
-      L.showStatus(statusNode, state, detail);
-      if (state === "ended") markEnded();
-      if (state === "unauthorized" || state === "forbidden" || state === "not_found") {
-        say(L.errorText(state), "error");
-        if (state === "not_found") markEnded("not_found");
-      }
-      if (state === "live") loadWallet();       // balance may have changed while away
-    }
+    onStatus: status.onStatus
   });
   window.watch = { client: client, feed: feed };
 
