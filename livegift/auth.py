@@ -10,12 +10,13 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date
 from typing import Any
 
 import jwt
 
 from livegift.catalog import Catalog
+from livegift.clock import utc_today
 from livegift.errors import InvalidReceipt, PriceMismatch, Unauthorized
 
 USER_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -39,18 +40,6 @@ class User:
 
     def public(self) -> dict[str, str]:
         return {"id": self.id, "name": self.name}
-
-
-_today: tuple[int, date] = (-1, date.min)
-
-
-def utc_today() -> date:
-    """The server's UTC date, cached per day (checked on every gift)."""
-    global _today
-    day = int(time.time() // 86400)
-    if _today[0] != day:
-        _today = (day, datetime.fromtimestamp(day * 86400, UTC).date())
-    return _today[1]
 
 
 def is_adult(birthdate: date | None, today: date) -> bool:
@@ -93,6 +82,13 @@ def mint_token(
     if roles:
         claims["roles"] = roles
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def bearer_token(header: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value, if it is one."""
+    if header[:7].lower() != "bearer ":
+        return None
+    return header[7:].strip() or None
 
 
 def verify_token(secret: str, token: str | None) -> User:

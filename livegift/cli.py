@@ -17,6 +17,7 @@ from typing import Any
 from livegift import auth
 from livegift.catalog import default_catalog
 from livegift.config import ConfigError, Settings
+from livegift.protocol import MAX_FRAME
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -63,10 +64,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": args.host,
         "port": args.port,
         "ws": "livegift.api.fastws:FastWebSocket" if settings.ws == "fast" else "websockets-sansio",
-        "ws_max_size": 4096,
+        "ws_max_size": MAX_FRAME,
         "ws_per_message_deflate": False,
-        "ws_ping_interval": 20.0,
-        "ws_ping_timeout": 20.0,
+        "ws_ping_interval": settings.ping_interval,
+        "ws_ping_timeout": settings.ping_interval,
         "http": "httptools",
         "loop": "uvloop",
         "lifespan": "on",

@@ -18,6 +18,7 @@ from livegift.config import Settings
 from livegift.errors import LiveGiftError
 from livegift.ledger import Ledger
 from livegift.services import connect
+from livegift.streams import Streams
 
 log = logging.getLogger("livegift.demo")
 
@@ -43,11 +44,12 @@ async def seed(settings: Settings) -> DemoInfo:
     redis = connect(settings.redis_url, 4)
     catalog = default_catalog()
     ledger = Ledger(redis, settings, catalog)
+    streams = Streams(redis, settings)
     try:
-        room, _ = await ledger.start_stream_as(CREATOR, "livegift demo stream", ROOM)
+        room, _ = await streams.start_stream_as(CREATOR, "livegift demo stream", ROOM)
         for uid, name in VIEWERS + BOTS:
             user = User(uid, name)
-            await ledger.remember_name(user)
+            await streams.remember_name(user)
             coins, _ = await ledger.wallet(uid)
             while coins < 5000:
                 token = auth.mint_receipt(settings.payment_secret, catalog, uid, "p6607")

@@ -1,10 +1,15 @@
 """The exception tree; each class maps to one PROTOCOL §6 code in one place.
 
+Every error knows its ack/HTTP error ``code``, its HTTP ``status``, and the WebSocket
+``close`` (from :mod:`livegift.disconnect`) sent when it ends a connection: 1011 unless
+stated below. :func:`error_body` builds the ``{"error": {"code", "message"}}`` body that
+HTTP responses, refused handshakes and failed acks all carry.
+
 LiveGiftError                 base, code "internal", HTTP 500
-├── BadRequest                bad_request, 400
+├── BadRequest                bad_request, 400 (WebSocket close 1008)
 ├── Unauthorized              unauthorized, 401 (WebSocket close 4401)
 ├── Forbidden                 forbidden, 403 (WebSocket close 4403)
-├── NotFound                  not_found, 404
+├── NotFound                  not_found, 404 (WebSocket close 4404)
 ├── UnknownGift               unknown_gift, 400
 ├── UnknownPackage            unknown_package, 400
 ├── InsufficientFunds         insufficient_funds, 402
@@ -24,34 +29,47 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from livegift import disconnect
+from livegift.disconnect import Close
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    """The PROTOCOL error object, as HTTP bodies and failed acks carry it."""
+    return {"error": {"code": code, "message": message}}
+
 
 class LiveGiftError(Exception):
     code: ClassVar[str] = "internal"
     status: ClassVar[int] = 500
+    close: ClassVar[Close] = disconnect.SERVER_ERROR
     default_message: ClassVar[str] = "internal server error"
 
     def __init__(self, message: str | None = None) -> None:
         self.message = message or self.default_message
         super().__init__(self.message)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message}
+    def body(self) -> dict[str, Any]:
+        return error_body(self.code, self.message)
 
 
 class BadRequest(LiveGiftError):
     code, status, default_message = "bad_request", 400, "the request is not valid"
+    close = disconnect.POLICY
 
 
 class Unauthorized(LiveGiftError):
     code, status, default_message = "unauthorized", 401, "a valid token is required"
+    close = disconnect.UNAUTHORIZED
 
 
 class Forbidden(LiveGiftError):
     code, status, default_message = "forbidden", 403, "you may not do that"
+    close = disconnect.FORBIDDEN
 
 
 class NotFound(LiveGiftError):
     code, status, default_message = "not_found", 404, "not found"
+    close = disconnect.NOT_FOUND
 
 
 class UnknownGift(LiveGiftError):
@@ -109,6 +127,7 @@ class PayoutLimit(LiveGiftError):
 
 class Unavailable(LiveGiftError):
     code, status, default_message = "unavailable", 503, "the data store is unavailable, try again"
+    close = disconnect.TRY_AGAIN_LATER
 
 
 BY_CODE: dict[str, type[LiveGiftError]] = {

@@ -24,3 +24,6 @@ REDIS_ERRORS = Counter(
     "livegift_redis_errors_total", "Redis errors by where they happened", ["where"]
 )
 BAD_FRAMES = Counter("livegift_bad_frames_total", "Client frames answered with bad_request")
+BAD_EVENTS = Counter(
+    "livegift_bad_events_total", "Room events from Redis the hub could not read (dropped)"
+)

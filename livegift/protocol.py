@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import msgpack
 import orjson
 
-from livegift.errors import BadRequest
+from livegift.auth import USER_ID
+from livegift.errors import BadRequest, error_body
 
 MAX_FRAME: Final = 4096
 REQ = re.compile(r"^[\x21-\x7e]{1,64}$")
-USER_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,49 @@ class Codec:
 JSON: Final = Codec("livegift.json", binary=False)
 MSGPACK: Final = Codec("livegift.msgpack", binary=True)
 CODECS: Final = {JSON.name: JSON, MSGPACK.name: MSGPACK}
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """What a sink's ``write`` takes: complete RFC 6455 frames (a driver that owns the
+    socket) or bare payloads (an ASGI server that frames them itself: bytes for MessagePack,
+    str for JSON). The hub encodes each batch once per codec and packs it once per wire."""
+
+    codec: Codec
+    framed: bool
+
+    def pack(self, payload: bytes) -> bytes | str:
+        if self.framed:
+            return self.codec.frame(payload)
+        return payload if self.codec.binary else payload.decode()
+
+    def encode(self, value: Any) -> bytes | str:
+        """One event or ack, ready to write."""
+        return self.pack(self.codec.encode(value))
+
+    def events(self, events: list[bytes]) -> bytes | str:
+        """A batch of raw JSON events (as the Lua scripts publish them), ready to write."""
+        return self.pack(encode_payload(self.codec, events))
+
+
+def encode_payload(codec: Codec, events: list[bytes]) -> bytes:
+    """One payload for a list of raw JSON events: the object itself, or an array."""
+    if not codec.binary:
+        return events[0] if len(events) == 1 else b"[" + b",".join(events) + b"]"
+    decoded = [orjson.loads(e) for e in events]
+    return bytes(msgpack.packb(decoded[0] if len(decoded) == 1 else decoded))
+
+
+JSON_FRAMES: Final = Wire(JSON, framed=True)
+MSGPACK_FRAMES: Final = Wire(MSGPACK, framed=True)
+JSON_TEXT: Final = Wire(JSON, framed=False)
+MSGPACK_BYTES: Final = Wire(MSGPACK, framed=False)
+
+
+def wire_for(codec: Codec, framed: bool) -> Wire:
+    if framed:
+        return MSGPACK_FRAMES if codec.binary else JSON_FRAMES
+    return MSGPACK_BYTES if codec.binary else JSON_TEXT
 
 
 def choose_codec(offered: list[str]) -> Codec | None:
@@ -101,6 +145,32 @@ def read_req(message: Any) -> str | None:
     return None
 
 
+def _gift(req: str, message: dict[str, Any]) -> GiftOp:
+    gift = message.get("gift")
+    count = message.get("count", 1)
+    if not isinstance(gift, str) or not 1 <= len(gift) <= 64:
+        raise BadRequest("gift must be a gift id")
+    if type(count) is not int or not 1 <= count <= 99:
+        raise BadRequest("count must be an integer from 1 to 99")
+    return GiftOp(req, gift, count)
+
+
+def _shoutout(req: str, message: dict[str, Any]) -> ShoutoutOp:
+    to, text = message.get("to"), message.get("text")
+    if not isinstance(to, str) or not USER_ID.match(to):
+        raise BadRequest("to must be a user id")
+    if not isinstance(text, str) or not 1 <= len(text) <= 200:
+        raise BadRequest("text must be 1-200 characters")
+    return ShoutoutOp(req, to, text)
+
+
+# Every client op by name, with the function that validates its fields.
+OPS: Final[dict[str, Callable[[str, dict[str, Any]], Op]]] = {
+    "gift": _gift,
+    "shoutout": _shoutout,
+}
+
+
 def parse_op(message: Any) -> Op:
     """Validate a decoded client message into an op, or raise BadRequest."""
     if not isinstance(message, dict):
@@ -108,23 +178,11 @@ def parse_op(message: Any) -> Op:
     req = message.get("req")
     if not isinstance(req, str) or not REQ.match(req):
         raise BadRequest("req must be 1-64 printable ASCII characters")
-    op = message.get("op")
-    if op == "gift":
-        gift = message.get("gift")
-        count = message.get("count", 1)
-        if not isinstance(gift, str) or not 1 <= len(gift) <= 64:
-            raise BadRequest("gift must be a gift id")
-        if type(count) is not int or not 1 <= count <= 99:
-            raise BadRequest("count must be an integer from 1 to 99")
-        return GiftOp(req, gift, count)
-    if op == "shoutout":
-        to, text = message.get("to"), message.get("text")
-        if not isinstance(to, str) or not USER_ID.match(to):
-            raise BadRequest("to must be a user id")
-        if not isinstance(text, str) or not 1 <= len(text) <= 200:
-            raise BadRequest("text must be 1-200 characters")
-        return ShoutoutOp(req, to, text)
-    raise BadRequest(f"unknown op {op!r}; ops are 'gift' and 'shoutout'")
+    parse = OPS.get(message.get("op"))  # type: ignore[arg-type]
+    if parse is None:
+        known = ", ".join(repr(name) for name in OPS)
+        raise BadRequest(f"unknown op {message.get('op')!r}; ops are {known}")
+    return parse(req, message)
 
 
 def ack_ok(req: str, **fields: Any) -> dict[str, Any]:
@@ -132,7 +190,7 @@ def ack_ok(req: str, **fields: Any) -> dict[str, Any]:
 
 
 def ack_error(req: str | None, code: str, message: str) -> dict[str, Any]:
-    ack: dict[str, Any] = {"type": "ack", "ok": False, "error": {"code": code, "message": message}}
+    ack: dict[str, Any] = {"type": "ack", "ok": False, **error_body(code, message)}
     if req is not None:
         ack["req"] = req
     return ack

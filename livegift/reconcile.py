@@ -1,8 +1,9 @@
 """``livegift reconcile``: recompute every balance from the ledger and check PROTOCOL §2.
 
 Checks, against the live data store (it may be taking gifts while this runs):
-  1. the ledger itself: entry ids run 1, 2, 3, ... with no gap; each kind moves the right
-     asset in the right direction; every gift debit is followed by its matching credit;
+  1. the ledger itself: entry ids run 1, 2, 3, ... with no gap; every kind is a known one
+     (``KINDS``) and moves the right asset in the right direction; every gift debit is
+     followed by its matching credit;
      every entry's ``balance`` (balance after) equals the recomputed running balance;
   2. every account's coins and diamonds equal the sum of its ledger entries;
   3. the minted and held counters equal what the ledger says;
@@ -15,9 +16,11 @@ Consistent cuts, not a stop-the-world lock. Every script that moves money bumps 
 ledger entry counter in the same atomic call, so reading some keys together with that
 counter in one MULTI gives their state exactly as of ledger entry ``n``. Wallets and
 payouts are read in such batches and compared with the ledger replayed up to each
-batch's ``n``; the counters are read the same way before the scan. Entries are read in
-pages with a progress bar, so memory is bounded by the number of accounts and payouts,
-not by the number of entries.
+batch's ``n``; the counters are read the same way before the scan. The payouts are listed
+after the counter is read: a payout entry at or below it must name a listed payout, and
+one written later (the payout was created while reconcile ran) must name a payout that
+exists once the ledger has been read. Entries are read in pages with a progress bar, so
+memory is bounded by the number of accounts and payouts, not by the number of entries.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ KINDS: dict[bytes, tuple[bytes, int]] = {
     b"payout": (b"diamonds", -1),
     b"payout_reversal": (b"diamonds", 1),
 }
+PAYOUT_KINDS = (b"payout", b"payout_reversal")
 STATUSES = ("pending", "paid", "failed")
 
 
@@ -120,7 +124,10 @@ class _Replay:
         kind, asset = f.get(b"kind", b""), f.get(b"asset", b"")
         account = f.get(b"account", b"").decode()
         amount, after = int(f.get(b"amount", b"0")), int(f.get(b"balance", b"0"))
-        if KINDS.get(kind) != (asset, 1 if amount > 0 else -1):
+        movement = KINDS.get(kind)
+        if movement is None:
+            self.problem(f"ledger entry {n}: unknown kind {kind.decode()!r}")
+        elif movement != (asset, 1 if amount > 0 else -1):
             self.problem(
                 f"ledger entry {n}: {kind.decode()} of {amount} {asset.decode()} "
                 "is not a valid movement"
@@ -143,7 +150,7 @@ class _Replay:
                 self.problem(f"ledger entry {n}: gift credit without its debit")
         elif kind == b"purchase":
             self.minted += amount
-        else:
+        elif kind in PAYOUT_KINDS:
             self.held -= amount
             ref = f.get(b"ref", b"").decode()
             self.payout_moves[ref].append((n, kind.decode(), account, amount))
@@ -187,28 +194,12 @@ def _snapshots(client: Any, names: list[str], read: Any) -> Iterator[_Snapshot]:
 
 
 def reconcile(redis_client: redis.Redis, progress: TextIO | None = sys.stderr) -> Report:
+    """Check the live data store against its ledger; the report lists what disagrees."""
     client: Any = redis_client
     started = time.perf_counter()
     report = Report()
     replay = _Replay(report)
-
-    # Counters as of entry n0, checked when the scan passes n0.
-    with client.pipeline(transaction=True) as pipe:
-        pipe.get(keys.ENTRY_SEQ).get(keys.MINTED).get(keys.HELD)
-        n0_raw, minted_raw, held_raw = pipe.execute()
-    n0, minted_counter, held_counter = int(n0_raw or 0), int(minted_raw or 0), int(held_raw or 0)
-
-    def check_counters() -> None:
-        if replay.minted != minted_counter:
-            report.problems.append(
-                f"minted counter {minted_counter} but ledger purchases sum to {replay.minted} "
-                f"(at entry {n0})"
-            )
-        if replay.held != held_counter:
-            report.problems.append(
-                f"held counter {held_counter} but ledger payouts hold {replay.held} (at entry {n0})"
-            )
-
+    counters = _Counters.read(client)
     bar = tqdm(
         total=int(client.xlen(keys.LEDGER)),
         unit="entry",
@@ -217,20 +208,7 @@ def reconcile(redis_client: redis.Redis, progress: TextIO | None = sys.stderr) -
         disable=progress is None,
         mininterval=0.5,
     )
-    counted = n0 == 0
-    if counted:
-        check_counters()
-    for rows in _pages(client, "-"):
-        bar.total = max(bar.total, bar.n + len(rows))
-        for sid, fields in rows:
-            if replay.apply(sid, fields) >= n0 and not counted:
-                counted = True
-                check_counters()
-        bar.update(len(rows))
-    if replay.last_id < n0:
-        report.problems.append(
-            f"ledger entry counter is {n0} but the ledger ends at entry {replay.last_id}"
-        )
+    _first_pass(client, replay, counters, bar)
 
     # Live wallets and payouts, batch by batch, each at a known ledger entry.
     users = {
@@ -245,14 +223,79 @@ def reconcile(redis_client: redis.Redis, progress: TextIO | None = sys.stderr) -
             lambda pipe, user: pipe.hmget(keys.wallet(user), ["coins", "diamonds"]),
         )
     )
-    payout_ids = sorted(
-        key.decode()[len(keys.PAYOUT_PREFIX) :]
-        for key in client.scan_iter(match=keys.PAYOUT_PREFIX + "*", count=1000)
-    )
+    listed_at, payout_ids = _list_payouts(client)
     payouts = list(_snapshots(client, payout_ids, lambda pipe, pid: pipe.hgetall(keys.payout(pid))))
 
-    # Catch up with entries written meanwhile, comparing each wallet batch at its entry.
     report.accounts = len(users)
+    offsets = _catch_up(client, replay, wallets, bar)
+    bar.close()
+    if replay.pending_debit is not None:
+        report.problems.append(
+            f"ledger entry {_s(replay.pending_debit.get(b'id'))}: gift debit without its credit"
+        )
+    _check_payouts(client, payouts, listed_at, replay)
+    _totals(report, replay, offsets, len(payout_ids))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+@dataclass
+class _Counters:
+    """The minted and held counters as of ledger entry ``at``."""
+
+    at: int
+    minted: int
+    held: int
+
+    @classmethod
+    def read(cls, client: Any) -> _Counters:
+        with client.pipeline(transaction=True) as pipe:
+            pipe.get(keys.ENTRY_SEQ).get(keys.MINTED).get(keys.HELD)
+            at, minted, held = pipe.execute()
+        return cls(int(at or 0), int(minted or 0), int(held or 0))
+
+    def check(self, replay: _Replay) -> None:
+        """Compare with the ledger replayed up to entry ``at``."""
+        if replay.minted != self.minted:
+            replay.problem(
+                f"minted counter {self.minted} but ledger purchases sum to {replay.minted} "
+                f"(at entry {self.at})"
+            )
+        if replay.held != self.held:
+            replay.problem(
+                f"held counter {self.held} but ledger payouts hold {replay.held} "
+                f"(at entry {self.at})"
+            )
+
+
+def _replay_from(client: Any, after: str, replay: _Replay, bar: Any) -> Iterator[int]:
+    """Replay the entries after stream id ``after``, page by page; yields each entry's id."""
+    for rows in _pages(client, after):
+        bar.total = max(bar.total, bar.n + len(rows))
+        for sid, fields in rows:
+            yield replay.apply(sid, fields)
+        bar.update(len(rows))
+
+
+def _first_pass(client: Any, replay: _Replay, counters: _Counters, bar: Any) -> None:
+    """Replay the whole ledger, checking the counters when the scan passes their entry."""
+    counted = counters.at == 0
+    if counted:
+        counters.check(replay)
+    for n in _replay_from(client, "-", replay, bar):
+        if n >= counters.at and not counted:
+            counted = True
+            counters.check(replay)
+    if replay.last_id < counters.at:
+        replay.problem(
+            f"ledger entry counter is {counters.at} but the ledger ends at entry {replay.last_id}"
+        )
+
+
+def _catch_up(client: Any, replay: _Replay, wallets: list[_Snapshot], bar: Any) -> dict[str, int]:
+    """Replay the entries written meanwhile, comparing each wallet batch at its entry.
+
+    Returns how far the live totals of coins and diamonds are off the ledger's."""
     offsets = {"coins": 0, "diamonds": 0}
     pending = iter(wallets)
     batch = next(pending, None)
@@ -264,30 +307,63 @@ def reconcile(redis_client: redis.Redis, progress: TextIO | None = sys.stderr) -
             batch = next(pending, None)
 
     check_wallets_upto(replay.last_id)
-    for rows in _pages(client, replay.last_sid):
-        bar.total = max(bar.total, bar.n + len(rows))
-        for sid, fields in rows:
-            check_wallets_upto(replay.apply(sid, fields))
-        bar.update(len(rows))
-    bar.close()
+    for n in _replay_from(client, replay.last_sid, replay, bar):
+        check_wallets_upto(n)
     while batch is not None:
-        report.problems.append(
+        replay.problem(
             f"wallets read at entry {batch.at} but the ledger ends at entry {replay.last_id}"
         )
         batch = next(pending, None)
-    if replay.pending_debit is not None:
-        report.problems.append(
-            f"ledger entry {_s(replay.pending_debit.get(b'id'))}: gift debit without its credit"
-        )
+    return offsets
 
+
+def _list_payouts(client: Any) -> tuple[int, list[str]]:
+    """The ledger entry counter, then the ids of the payouts, read in that order.
+
+    A payout entry at or below the counter was written, with its payout, before the SCAN
+    began, so the SCAN returns that payout (payouts are never deleted). A payout created
+    later may or may not be listed, and its entry may still be read by the catch-up."""
+    listed_at = int(client.get(keys.ENTRY_SEQ) or 0)
+    ids = sorted(
+        key.decode()[len(keys.PAYOUT_PREFIX) :]
+        for key in client.scan_iter(match=keys.PAYOUT_PREFIX + "*", count=1000)
+    )
+    return listed_at, ids
+
+
+def _check_payouts(client: Any, payouts: list[_Snapshot], listed_at: int, replay: _Replay) -> None:
+    """Check the payouts read; every payout the ledger moves diamonds for must exist.
+
+    A payout whose first entry is at or below ``listed_at`` must be one that was read. A
+    later one was created after the listing began; it must exist now, once the ledger has
+    been read past its entry (``payout_moves`` holds only replayed entries)."""
+    found: set[str] = set()
     for snap in payouts:
         for pid, raw in snap.values.items():
             _check_payout(pid, raw, snap.at, replay)
-    known = set(payout_ids)
-    for pid in sorted(set(replay.payout_moves) - known):
-        report.problems.append(f"ledger moves diamonds for payout {pid}, which does not exist")
+            if raw:
+                found.add(pid)
+    unread = set(replay.payout_moves) - found
+    early = {pid for pid in unread if replay.payout_moves[pid][0][0] <= listed_at}
+    for pid in sorted(early | _absent(client, unread - early)):
+        replay.problem(f"ledger moves diamonds for payout {pid}, which does not exist")
 
-    report.payouts = len(payout_ids)
+
+def _absent(client: Any, payout_ids: set[str]) -> set[str]:
+    """The ones among ``payout_ids`` that have no payout hash now."""
+    ids = sorted(payout_ids)
+    if not ids:
+        return set()
+    with client.pipeline(transaction=False) as pipe:
+        for pid in ids:
+            pipe.exists(keys.payout(pid))
+        there = pipe.execute()
+    return {pid for pid, n in zip(ids, there, strict=True) if not n}
+
+
+def _totals(report: Report, replay: _Replay, offsets: dict[str, int], payouts: int) -> None:
+    """Fill in the report's totals and check the invariant of PROTOCOL §2."""
+    report.payouts = payouts
     report.entries = replay.last_id
     report.minted = replay.minted
     report.held = replay.held
@@ -298,8 +374,6 @@ def reconcile(redis_client: redis.Redis, progress: TextIO | None = sys.stderr) -
             f"invariant fails: minted {report.minted} != coins {report.coins} + diamonds "
             f"{report.diamonds} + held {report.held}"
         )
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def _check_wallets(snap: _Snapshot, replay: _Replay, offsets: dict[str, int]) -> None:
@@ -319,7 +393,7 @@ def _check_wallets(snap: _Snapshot, replay: _Replay, offsets: dict[str, int]) ->
 
 def _check_payout(pid: str, raw: dict[bytes, bytes], at: int, replay: _Replay) -> None:
     if not raw:
-        return  # deleted between the scan and the read; nothing to check
+        return  # gone by the read: _check_payouts reports it if the ledger moves any for it
     problem = replay.problem
     status, user = _s(raw.get(b"status")), _s(raw.get(b"user"))
     gross, net, commission = (int(raw.get(k, b"0")) for k in (b"gross", b"net", b"commission"))

@@ -11,14 +11,15 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
-from livegift import keys
 from livegift.broker import Broker
 from livegift.catalog import Catalog, default_catalog
 from livegift.config import Settings
 from livegift.hub import Hub
 from livegift.ledger import Ledger
+from livegift.liveliness import Liveliness
+from livegift.scripts import Scripts
+from livegift.streams import Streams
 
-PRESENCE_TTL_MS = 6000
 log = logging.getLogger("livegift")
 
 
@@ -36,7 +37,9 @@ class Services:
     catalog: Catalog
     redis: Redis
     ledger: Ledger
+    streams: Streams
     hub: Hub
+    liveliness: Liveliness
     # Connections served by livegift.api.fastws (pinged by one timer per process).
     sockets: set[Any] = field(default_factory=set)
     keepalive_task: asyncio.Task[None] | None = None
@@ -47,9 +50,11 @@ class Services:
             raise RuntimeError("REDIS_URL is not set (livegift serve sets it for you)")
         redis = connect(settings.redis_url, settings.redis_max_connections)
         catalog = default_catalog()
-        ledger = Ledger(redis, settings, catalog)
+        scripts = Scripts(redis)
+        ledger = Ledger(redis, settings, catalog, scripts)
+        streams = Streams(redis, settings, scripts)
         try:
-            await ledger.load_scripts()
+            await scripts.load()
         except (OSError, RedisError) as exc:
             # Not fatal: scripts load themselves on first use once Redis is reachable.
             log.warning("could not preload Lua scripts: %s", exc)
@@ -59,12 +64,16 @@ class Services:
             batch_ms=settings.batch_ms,
             max_batch_ms=settings.max_batch_ms,
         )
-        services = cls(settings, catalog, redis, ledger, hub)
-        await hub.start(top=services.top, presence=services.presence)
+        liveliness = Liveliness(hub, redis, streams.top)
+        services = cls(settings, catalog, redis, ledger, streams, hub, liveliness)
+        await hub.start()
+        liveliness.start()
         services.keepalive_task = asyncio.get_running_loop().create_task(services._keepalive())
         return services
 
-    async def _keepalive(self, interval: float = 20.0) -> None:
+    async def _keepalive(self) -> None:
+        """Ping idle sockets of livegift.api.fastws (uvicorn pings its own)."""
+        interval = self.settings.ping_interval
         while True:
             await asyncio.sleep(interval / 2)
             now = time.monotonic()
@@ -75,39 +84,6 @@ class Services:
         if self.keepalive_task is not None:
             self.keepalive_task.cancel()
         self.hub.drain()
+        await self.liveliness.close()
         await self.hub.close()
         await self.redis.aclose()
-
-    async def top(self, room: str) -> list[dict[str, Any]]:
-        return [
-            {"user": {"id": uid, "name": name}, "coins": coins}
-            for uid, name, coins in await self.ledger.top(room)
-        ]
-
-    async def presence(self, counts: dict[str, int]) -> dict[str, int]:
-        """Publish this process's member counts; return each room's total over processes."""
-        now = int(time.time() * 1000)
-        me = self.hub.process_id
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for room, count in counts.items():
-                pipe.hset(keys.presence(room), me, f"{count}:{now}")
-                pipe.pexpire(keys.presence(room), PRESENCE_TTL_MS * 2)
-                pipe.hgetall(keys.presence(room))
-            results = await pipe.execute()
-        totals: dict[str, int] = {}
-        for i, room in enumerate(counts):
-            totals[room] = _sum_fresh(results[i * 3 + 2], now)
-        return totals
-
-    async def viewers(self, room: str) -> int:
-        raw = await self.redis.hgetall(keys.presence(room))
-        return _sum_fresh(raw, int(time.time() * 1000))
-
-
-def _sum_fresh(raw: Any, now: int) -> int:
-    total = 0
-    for value in raw.values():
-        count, _, ts = value.partition(b":")
-        if now - int(ts or 0) <= PRESENCE_TTL_MS:
-            total += int(count)
-    return total

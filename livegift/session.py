@@ -1,12 +1,14 @@
 """One connection's state and ops: who is connected, to which room, and what they ask.
 
-No sockets here: the endpoint hands in decoded frames and writes back the ack this
-returns. Each op maps failures to a PROTOCOL code through the exception tree.
+No sockets here: the connection hands in each client message and writes back the ack
+this returns. An op is added in two places: its parser in ``protocol.OPS`` and its method
+in :data:`HANDLERS`. Each op maps failures to a PROTOCOL code through the exception tree.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from livegift.auth import User
@@ -15,17 +17,31 @@ from livegift.errors import BadRequest, Forbidden, LiveGiftError
 from livegift.ledger import Ledger
 from livegift.metrics import BAD_FRAMES, GIFTS
 from livegift.protocol import Codec, GiftOp, ShoutoutOp, ack_error, ack_ok, parse_op, read_req
+from livegift.streams import Streams
 
 log = logging.getLogger("livegift.session")
 
 
 class Session:
+    __slots__ = (
+        "bad_frames",
+        "catalog",
+        "codec",
+        "creator",
+        "ledger",
+        "max_bad_frames",
+        "room",
+        "streams",
+        "user",
+    )
+
     def __init__(
         self,
         user: User,
         room: str,
         codec: Codec,
         ledger: Ledger,
+        streams: Streams,
         catalog: Catalog,
         max_bad_frames: int,
         creator: str | None = None,
@@ -35,6 +51,7 @@ class Session:
         self.creator = creator
         self.codec = codec
         self.ledger = ledger
+        self.streams = streams
         self.catalog = catalog
         self.bad_frames = 0
         self.max_bad_frames = max_bad_frames
@@ -55,9 +72,7 @@ class Session:
                 raise BadRequest("frame is not valid " + self.codec.name) from None
             req = read_req(message)
             op = parse_op(message)
-            if isinstance(op, GiftOp):
-                return await self._gift(op)
-            return await self._shoutout(op)
+            return await HANDLERS[type(op)](self, op)
         except LiveGiftError as exc:
             if isinstance(exc, BadRequest):
                 self.bad_frames += 1
@@ -86,8 +101,15 @@ class Session:
         return ack_ok(op.req, balance=outcome.balance, seq=outcome.seq, combo=outcome.combo)
 
     async def _shoutout(self, op: ShoutoutOp) -> dict[str, Any]:
-        creator = self.creator or await self.ledger.room_creator(self.room)
+        creator = self.creator or await self.streams.room_creator(self.room)
         if creator != self.user.id:
             raise Forbidden("only the stream's creator can give shout-outs")
-        seq = await self.ledger.shoutout(self.user, self.room, op.to, op.text)
+        seq = await self.streams.shoutout(self.user, self.room, op.to, op.text)
         return ack_ok(op.req, seq=seq)
+
+
+# Every op of protocol.OPS, by its type, with the method that runs it.
+HANDLERS: dict[type[Any], Callable[[Session, Any], Awaitable[dict[str, Any]]]] = {
+    GiftOp: Session._gift,
+    ShoutoutOp: Session._shoutout,
+}

@@ -16,7 +16,7 @@ Writes ``loadtest/results/reconcile.json``. Usage::
     .venv/bin/python -m loadtest.bench_reconcile --entries 100000 # a quick run
 
 The keys and arguments below mirror ``Ledger.recharge`` and ``Ledger.gift``, packed with
-``livegift.ledger.pack_evalsha`` and written in batches on one connection as the server's
+``livegift.pipeline.pack_evalsha`` and written in batches on one connection as the server's
 gift pipeline does; ``reconcile()`` passing at the end shows that they agree.
 """
 
@@ -41,8 +41,10 @@ from livegift.auth import User
 from livegift.catalog import default_catalog
 from livegift.config import Settings
 from livegift.embedded import EmbeddedRedis
-from livegift.ledger import gift_call, pack_evalsha, script_source
+from livegift.ledger import gift_call
+from livegift.pipeline import pack_evalsha
 from livegift.reconcile import reconcile
+from livegift.scripts import script_source
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PIPELINE = 1000

@@ -19,9 +19,19 @@ from livegift.errors import (
     Unauthorized,
     from_code,
 )
-from livegift.hub import encode_events, event_seq
+from livegift.events import head
 from livegift.money import payout_split
-from livegift.protocol import JSON, MSGPACK, GiftOp, ShoutoutOp, choose_codec, parse_op, ws_frame
+from livegift.protocol import (
+    JSON,
+    JSON_FRAMES,
+    MSGPACK,
+    MSGPACK_FRAMES,
+    GiftOp,
+    ShoutoutOp,
+    choose_codec,
+    parse_op,
+    ws_frame,
+)
 
 SECRET = "unit-secret-0123456789abcdef0123456789"
 
@@ -125,13 +135,13 @@ def test_codecs_and_frames() -> None:
         assert frame[0] == 0x81 and frame.endswith(b"x" * size)
         assert len(frame) - size == (2 if size < 126 else 4 if size < 65536 else 10)
     events = [b'{"type":"gift","seq":7}', b'{"type":"gift","seq":8}']
-    assert event_seq(events[0]) == 7
-    assert orjson.loads(encode_events(JSON, events)[2:]) == [
+    assert head(events[0]) == ("gift", 7)
+    assert orjson.loads(JSON_FRAMES.events(events)[2:]) == [
         {"type": "gift", "seq": 7},
         {"type": "gift", "seq": 8},
     ]
-    assert orjson.loads(encode_events(JSON, events[:1])[2:]) == {"type": "gift", "seq": 7}
-    assert msgpack.unpackb(encode_events(MSGPACK, events)[2:])[1]["seq"] == 8
+    assert orjson.loads(JSON_FRAMES.events(events[:1])[2:]) == {"type": "gift", "seq": 7}
+    assert msgpack.unpackb(MSGPACK_FRAMES.events(events)[2:])[1]["seq"] == 8
 
 
 @pytest.mark.parametrize(
@@ -188,7 +198,7 @@ def test_settings_from_env() -> None:
 def test_packed_evalsha_matches_redis_py() -> None:
     from redis.asyncio.connection import Connection
 
-    from livegift.ledger import pack_evalsha
+    from livegift.pipeline import pack_evalsha
 
     keys_, args = ["lg:{lg}:w:ü", "k2"], ["a", 5, "é" * 200, -3, ""]
     expected = b"".join(Connection().pack_command("EVALSHA", "f" * 40, 2, *keys_, *args))

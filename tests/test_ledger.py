@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -26,6 +26,7 @@ from livegift.errors import (
 from livegift.ledger import Ledger
 from livegift.money import payout_split
 from livegift.reconcile import reconcile
+from livegift.streams import Streams
 from tests.conftest import PAYMENT_SECRET, ROOT, SECRET, uid
 
 SETTINGS = Settings(secret=SECRET, payment_secret=PAYMENT_SECRET, gift_rate=1000, gift_burst=1000)
@@ -43,18 +44,23 @@ async def ledger(redis_url: str) -> AsyncIterator[Ledger]:
     await client.aclose()
 
 
+@pytest.fixture
+def streams(ledger: Ledger) -> Streams:
+    return Streams(ledger.redis, SETTINGS, ledger.scripts)
+
+
 async def buy(ledger: Ledger, user: User, package: str = "p6607") -> None:
     token = auth.mint_receipt(PAYMENT_SECRET, ledger.catalog, user.id, package)
     await ledger.recharge(auth.verify_receipt(PAYMENT_SECRET, ledger.catalog, token, user))
 
 
-async def test_gift_to_ended_stream_is_stream_not_live(ledger: Ledger) -> None:
+async def test_gift_to_ended_stream_is_stream_not_live(ledger: Ledger, streams: Streams) -> None:
     creator, fan = User(uid("c"), "C"), User(uid("f"), "F")
-    room, _ = await ledger.start_stream(creator, "t")
+    room, _ = await streams.start_stream(creator, "t")
     await buy(ledger, fan)
     rose = ledger.catalog.gift("rose")
     assert (await ledger.gift(fan, room, "a", rose, 1, adult=True)).seq == 1
-    await ledger.end_stream(creator, room)
+    await streams.end_stream(creator, room)
     with pytest.raises(StreamNotLive):
         await ledger.gift(fan, room, "b", rose, 1, adult=True)
     with pytest.raises(StreamNotLive):
@@ -62,9 +68,11 @@ async def test_gift_to_ended_stream_is_stream_not_live(ledger: Ledger) -> None:
     assert await ledger.wallet(fan.id) == (6606, 0)
 
 
-async def test_payouts_math_limits_idempotency_and_settlement(ledger: Ledger) -> None:
+async def test_payouts_math_limits_idempotency_and_settlement(
+    ledger: Ledger, streams: Streams
+) -> None:
     creator, fan = User(uid("c"), "C"), User(uid("f"), "F")
-    room, _ = await ledger.start_stream(creator, "t")
+    room, _ = await streams.start_stream(creator, "t")
     for _ in range(11):
         await buy(ledger, fan)
     universe = ledger.catalog.gift("universe")
@@ -105,9 +113,9 @@ def db_url_of(ledger: Ledger) -> str:
     return f"redis://{kw['host']}:{kw['port']}/{kw['db']}"
 
 
-async def test_transactions_newest_first_with_cursor(ledger: Ledger) -> None:
+async def test_transactions_newest_first_with_cursor(ledger: Ledger, streams: Streams) -> None:
     creator, fan = User(uid("c"), "C"), User(uid("f"), "F")
-    room, _ = await ledger.start_stream(creator, "t")
+    room, _ = await streams.start_stream(creator, "t")
     await buy(ledger, fan, "p330")
     rose = ledger.catalog.gift("rose")
     for i in range(5):
@@ -142,12 +150,12 @@ async def test_reconcile_names_the_account_that_differs(ledger: Ledger, redis_ur
     assert cli.returncode == 1 and fan.id in cli.stdout
 
 
-async def test_reconcile_is_consistent_while_money_moves(ledger: Ledger) -> None:
+async def test_reconcile_is_consistent_while_money_moves(ledger: Ledger, streams: Streams) -> None:
     """A live store: reconcile reads consistent cuts, so traffic is not a false alarm."""
     fast = Ledger(ledger.redis, SETTINGS.with_(gift_rate=10**6, gift_burst=10**6), ledger.catalog)
     creator = User(uid("c"), "C")
     fans = [User(uid("f"), "F") for _ in range(4)]
-    room, _ = await fast.start_stream(creator, "t")
+    room, _ = await streams.start_stream(creator, "t")
     for fan in fans:
         await buy(fast, fan)
     await fast.gift(fans[0], room, "big", fast.catalog.gift("galaxy"), 5, adult=True)
@@ -187,6 +195,106 @@ async def test_reconcile_is_consistent_while_money_moves(ledger: Ledger) -> None
     assert final.minted == final.coins + final.diamonds + final.held
 
 
+class PayoutsListed:
+    """A reconcile client that runs ``then`` once, right after reconcile lists the payouts:
+    after its first pass over the ledger, before its catch-up reads the entries since."""
+
+    def __init__(self, client: sync_redis.Redis, then: Callable[[], None]) -> None:
+        self.client, self.then = client, then
+        self.ran = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+    def scan_iter(self, match: str, **kw: Any) -> Iterator[bytes]:
+        yield from self.client.scan_iter(match=match, **kw)
+        if match.startswith(keys.PAYOUT_PREFIX) and not self.ran:
+            self.ran = True
+            self.then()
+
+
+IN_THE_WINDOW = {
+    "payout created": "",
+    "payout created and failed": "",
+    "payout created, hash deleted": "ledger moves diamonds for payout po_late, which does not exist",
+    "listed payout's hash deleted": "ledger moves diamonds for payout po_b, which does not exist",
+}
+
+
+@pytest.mark.parametrize("what", IN_THE_WINDOW)
+async def test_reconcile_judges_payouts_created_after_it_lists_them(
+    ledger: Ledger, streams: Streams, what: str
+) -> None:
+    """A payout created once reconcile has listed the payouts, whose entry it then reads, is
+    live traffic, not a payout missing from the store; a payout that is truly missing is."""
+    creator, fan = User(uid("c"), "C"), User(uid("f"), "F")
+    room, _ = await streams.start_stream(creator, "t")
+    await buy(ledger, fan)
+    await ledger.gift(fan, room, "g1", ledger.catalog.gift("galaxy"), 3, adult=True)
+    split = payout_split(1000, SETTINGS.commission_bps)
+    await ledger.create_payout(creator, "po_a", split, "fp", "ka")
+    await ledger.create_payout(creator, "po_b", split, "fp", "kb")
+    await ledger.settle_payout("po_a", "failed")
+    loop = asyncio.get_running_loop()
+
+    async def meanwhile() -> None:
+        if what.startswith("payout created"):
+            await ledger.create_payout(creator, "po_late", split, "fp", "klate")
+        if what == "payout created and failed":
+            await ledger.settle_payout("po_late", "failed")
+        elif what == "payout created, hash deleted":
+            await ledger.redis.delete(keys.payout("po_late"))
+        elif what == "listed payout's hash deleted":
+            await ledger.redis.delete(keys.payout("po_b"))
+
+    def then() -> None:
+        asyncio.run_coroutine_threadsafe(meanwhile(), loop).result(timeout=30)
+
+    client = sync_redis.Redis.from_url(db_url_of(ledger))
+    proxy: Any = PayoutsListed(client, then)
+    report = await asyncio.to_thread(reconcile, proxy, None)
+    client.close()
+    assert proxy.ran
+    expect = IN_THE_WINDOW[what]
+    if expect:
+        assert report.problems == [expect], report.problems
+    else:
+        assert report.ok, report.problems
+        assert report.entries == 6 + (2 if what == "payout created and failed" else 1)
+        assert report.minted == report.coins + report.diamonds + report.held
+
+
+async def test_reconcile_reports_an_unknown_kind(ledger: Ledger) -> None:
+    """An entry of a kind reconcile does not know is an error, not a payout."""
+    fan = User(uid("f"), "F")
+    await buy(ledger, fan, "p65")
+    client = sync_redis.Redis.from_url(db_url_of(ledger))
+    assert reconcile(client, progress=None).ok
+    r: Any = ledger.redis
+    n = await r.incr(keys.ENTRY_SEQ)
+    await r.xadd(
+        keys.LEDGER,
+        {
+            "id": n,
+            "ts": 1,
+            "kind": "bonus",
+            "account": fan.id,
+            "asset": "diamonds",
+            "amount": -5,
+            "balance": -5,
+            "counterparty": "payouts",
+            "ref": "po_bonus",
+            "room": "",
+        },
+    )
+    await r.hincrby(keys.wallet(fan.id), "diamonds", -5)
+    report = reconcile(client, progress=None)
+    client.close()
+    assert not report.ok
+    assert f"ledger entry {n}: unknown kind 'bonus'" in report.problems, report.problems
+    assert not any("payout" in p for p in report.problems), report.problems
+
+
 TAMPERING = [
     "wallet",
     "minted counter",
@@ -203,9 +311,9 @@ TAMPERING = [
 
 
 @pytest.mark.parametrize("how", TAMPERING)
-async def test_reconcile_catches_tampering(ledger: Ledger, how: str) -> None:
+async def test_reconcile_catches_tampering(ledger: Ledger, streams: Streams, how: str) -> None:
     creator, fan = User(uid("c"), "C"), User(uid("f"), "F")
-    room, _ = await ledger.start_stream(creator, "t")
+    room, _ = await streams.start_stream(creator, "t")
     await buy(ledger, fan)
     await ledger.gift(fan, room, "g1", ledger.catalog.gift("galaxy"), 3, adult=True)
     split = payout_split(1000, SETTINGS.commission_bps)

@@ -45,10 +45,12 @@ from redis.asyncio import Redis
 from livegift import auth, keys, payouts
 from livegift.auth import User
 from livegift.catalog import default_catalog
+from livegift.clock import today
 from livegift.config import Settings
 from livegift.errors import LiveGiftError
-from livegift.ledger import Ledger, today
+from livegift.ledger import Ledger
 from livegift.reconcile import reconcile
+from livegift.streams import Streams
 from tests.conftest import PAYMENT_SECRET, SECRET
 
 DB = 7
@@ -285,13 +287,14 @@ class MoneyMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.redis: Redis = self.run(self._connect())
         self.ledger = Ledger(self.redis, SETTINGS, CATALOG)
+        self.streams = Streams(self.redis, SETTINGS)
         self.services: Any = SimpleNamespace(settings=SETTINGS, ledger=self.ledger)
         self.model = Model()
         for user in (*ADULTS, KID):
             self.model.coins[user] = self.model.diamonds[user] = 0
         for room, creator in ROOMS.items():
             if creator is not None:
-                self.run(self.ledger.start_stream_as(User(creator, creator.title()), "t", room))
+                self.run(self.streams.start_stream_as(User(creator, creator.title()), "t", room))
                 self.model.seq[room], self.model.live[room] = 0, True
         self.counter = itertools.count(1)
 
@@ -459,7 +462,7 @@ class MoneyMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.model.live.get("room-bob") and self.model.n > 40)
     @rule()
     def end_bobs_stream(self) -> None:
-        seq = self.run(self.ledger.end_stream(self.user("bob"), "room-bob"))
+        seq = self.run(self.streams.end_stream(self.user("bob"), "room-bob"))
         self.model.seq["room-bob"] += 1
         self.model.live["room-bob"] = False
         assert seq == self.model.seq["room-bob"]

@@ -16,10 +16,11 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from livegift import disconnect
 from livegift.api.http import JSONResponse, error_response, routes
 from livegift.api.ws import websocket_endpoint
 from livegift.config import Settings
-from livegift.errors import LiveGiftError
+from livegift.errors import LiveGiftError, error_body
 from livegift.services import Services
 
 log = logging.getLogger("livegift")
@@ -61,15 +62,13 @@ async def livegift_error(request: Request, exc: Exception) -> Response:
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {401: "unauthorized", 403: "forbidden", 404: "not_found"}.get(exc.status_code)
-    body = {"error": {"code": code or "bad_request", "message": str(exc.detail)}}
+    body = error_body(code or "bad_request", str(exc.detail))
     return JSONResponse(body, status_code=exc.status_code)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
-    return JSONResponse(
-        {"error": {"code": "internal", "message": "internal server error"}}, status_code=500
-    )
+    return JSONResponse(LiveGiftError().body(), status_code=500)
 
 
 class LiveGiftApp:
@@ -107,7 +106,7 @@ class LiveGiftApp:
             if scope["path"].startswith("/ws/"):
                 await websocket_endpoint(self.http.state.services, scope, receive, send)
             else:
-                await send({"type": "websocket.close", "code": 4404})
+                await send({"type": "websocket.close", "code": disconnect.NOT_FOUND.code})
             return
         await self.http(scope, receive, send)
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from livegift.auth import USER_ID, User, verify_token
+from livegift import events
+from livegift.auth import USER_ID, User, bearer_token, verify_token
 from livegift.config import Settings
-from livegift.errors import BadRequest, LiveGiftError
+from livegift.errors import BadRequest
 from livegift.protocol import Codec, choose_codec
 
 
@@ -20,6 +21,24 @@ class Join:
     codec: Codec
     since: int | None
     subprotocol: str | None
+
+    def welcome(self, info: dict[str, str]) -> Callable[[int, int], dict[str, Any]]:
+        """The welcome event for this join into the room ``info`` describes, given the
+        room's latest seq and viewer count at the moment the member is added."""
+        creator = {"id": info["creator"], "name": info.get("creator_name", info["creator"])}
+        you = self.user.public()
+
+        def welcome(seq: int, viewers: int) -> dict[str, Any]:
+            return {
+                "type": events.WELCOME,
+                "room": self.room,
+                "you": you,
+                "creator": creator,
+                "viewers": viewers,
+                "seq": seq,
+            }
+
+        return welcome
 
 
 def check_join(
@@ -34,9 +53,7 @@ def check_join(
     offered: list[str] = []
     for name, value in headers:
         if name == b"authorization" and token is None:
-            auth = value.decode("latin-1")
-            if auth.lower().startswith("bearer "):
-                token = auth[7:].strip()
+            token = bearer_token(value.decode("latin-1"))
         elif name == b"sec-websocket-protocol":
             offered += [p.strip() for p in value.decode("latin-1").split(",") if p.strip()]
     user = verify_token(settings.secret, token)
@@ -52,27 +69,3 @@ def check_join(
         if since < 0:
             raise BadRequest("since must be a non-negative integer")
     return Join(user, room, codec, since, codec.name if offered else None)
-
-
-def welcome_factory(join: Join, info: dict[str, str]) -> Any:
-    creator = {"id": info["creator"], "name": info.get("creator_name", info["creator"])}
-    you = join.user.public()
-
-    def welcome(seq: int, viewers: int) -> dict[str, Any]:
-        return {
-            "type": "welcome",
-            "room": join.room,
-            "you": you,
-            "creator": creator,
-            "viewers": viewers,
-            "seq": seq,
-        }
-
-    return welcome
-
-
-def live_room(info: dict[str, str] | None) -> bool:
-    return info is not None and info.get("live") == "1"
-
-
-__all__ = ["Join", "LiveGiftError", "check_join", "live_room", "welcome_factory"]

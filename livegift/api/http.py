@@ -13,7 +13,15 @@ from starlette.routing import Route
 
 from livegift import auth, payouts
 from livegift.auth import User
-from livegift.errors import BadRequest, Forbidden, LiveGiftError, NotAdult, NotFound, Unauthorized
+from livegift.errors import (
+    BadRequest,
+    Forbidden,
+    LiveGiftError,
+    NotAdult,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
 from livegift.metrics import RECHARGES
 from livegift.services import Services
 
@@ -31,8 +39,7 @@ def services_of(request: Request) -> Services:
 
 
 def current_user(request: Request) -> User:
-    header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else None
+    token = auth.bearer_token(request.headers.get("authorization", ""))
     return auth.verify_token(services_of(request).settings.secret, token)
 
 
@@ -63,10 +70,7 @@ async def healthz(request: Request) -> Response:
         await services_of(request).redis.ping()
     except (redis_errors.RedisError, OSError):
         return JSONResponse(
-            {
-                "status": "unavailable",
-                "error": {"code": "unavailable", "message": "the data store is unreachable"},
-            },
+            {"status": "unavailable", **Unavailable("the data store is unreachable").body()},
             status_code=503,
         )
     return JSONResponse({"status": "ok"})
@@ -159,7 +163,7 @@ async def create_stream(request: Request) -> Response:
     title = body.get("title", f"{user.name}'s stream")
     if not isinstance(title, str) or len(title) > 200:
         raise BadRequest("title must be a string of at most 200 characters")
-    room, created = await services_of(request).ledger.start_stream(user, title)
+    room, created = await services_of(request).streams.start_stream(user, title)
     return JSONResponse(
         {"room": room, "creator": user.public(), "live": True, "title": title},
         status_code=201 if created else 200,
@@ -169,22 +173,22 @@ async def create_stream(request: Request) -> Response:
 async def end_stream(request: Request) -> Response:
     user = current_user(request)
     room = request.path_params["room"]
-    await services_of(request).ledger.end_stream(user, room)
+    await services_of(request).streams.end_stream(user, room)
     return JSONResponse({"room": room, "live": False})
 
 
 async def get_stream(request: Request) -> Response:
     room = request.path_params["room"]
     services = services_of(request)
-    info = await services.ledger.room(room)
-    top = await services.top(room)
+    info = await services.streams.room(room)
+    top = await services.liveliness.top(room)
     return JSONResponse(
         {
             "room": room,
             "title": info.get("title", ""),
             "creator": {"id": info["creator"], "name": info.get("creator_name", info["creator"])},
             "live": info.get("live") == "1",
-            "viewers": await services.viewers(room),
+            "viewers": await services.liveliness.viewers(room),
             "coins_received": int(info.get("coins", 0)),
             "diamonds": int(info.get("coins", 0)),
             "gifts": int(info.get("gifts", 0)),
@@ -209,7 +213,7 @@ async def list_payouts(request: Request) -> Response:
 
 def error_response(exc: LiveGiftError) -> Response:
     headers = {"www-authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-    return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 routes = [

@@ -1,51 +1,113 @@
-"""The portable WebSocket endpoint ``/ws/{room}`` for any ASGI server.
+"""The portable WebSocket driver: ``/ws/{room}`` under any ASGI server.
 
-``livegift serve`` uses the lean protocol in :mod:`livegift.api.fastws` instead. This
-endpoint runs as a raw ASGI callable ahead of Starlette's middleware so that it receives
-the server's own ``send``; under uvicorn's websockets-sansio protocol that lets
-:mod:`livegift.writer` write pre-framed bytes straight to the transport.
+``livegift serve`` uses the lean driver in :mod:`livegift.api.fastws` instead; both hand
+the connection's life to :class:`livegift.connection.Connection` and only move messages.
+Here the ASGI server frames them: the hub hands this sink bare payloads (``str`` for
+JSON, ``bytes`` for MessagePack), and one writer task per connection drains a
+byte-bounded queue through ASGI ``send``. Past the bound the client is too slow (4008).
 """
 
 from __future__ import annotations
 
-import logging
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
-from livegift.api.handshake import check_join, live_room, welcome_factory
-from livegift.errors import LiveGiftError, Unavailable
-from livegift.hub import Member
-from livegift.metrics import CONNECTIONS
+from livegift import disconnect
+from livegift.api.handshake import check_join
+from livegift.connection import Connection
+from livegift.disconnect import Close
+from livegift.errors import LiveGiftError
+from livegift.protocol import Wire, wire_for
 from livegift.services import Services
-from livegift.session import Session
-from livegift.writer import QueueSink, Sink, TransportSink
 
-log = logging.getLogger("livegift.ws")
-
-Scope = dict[str, Any]
-Receive = Any
-Send = Any
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
-async def _refuse(send: Send, status: int, code: str, message: str) -> None:
+class QueueSink:
+    """The hub's sink for one ASGI connection: a bounded queue and one writer task."""
+
+    def __init__(self, send: Send, wire: Wire, limit: int) -> None:
+        self._send = send
+        self.wire = wire
+        self.limit = limit
+        self.closed = False
+        self.on_close: Callable[[], None] | None = None
+        self.on_slow: Callable[[], None] | None = None
+        self._queue: deque[bytes | str] = deque()
+        self._size = 0
+        self._wake = asyncio.Event()
+        self._close: tuple[int, str] | None = None
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    @property
+    def writer(self) -> Callable[[Any], None]:
+        return self.write
+
+    def write(self, data: bytes | str) -> None:
+        if self.closed:
+            return
+        self._queue.append(data)
+        self._size += len(data)
+        self._wake.set()
+        if self._size > self.limit and self.on_slow is not None:
+            asyncio.get_running_loop().call_soon(self.on_slow)
+
+    def close(self, close: Close, reason: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.on_close is not None:
+            self.on_close()
+        self._close = (close.code, reason or close.reason)
+        if close is disconnect.TOO_SLOW:
+            self._queue.clear()  # it would not read them anyway
+        self._wake.set()
+
+    async def finish(self) -> None:
+        """The connection is over: let a pending close go out (briefly), then stop."""
+        if not self.closed:
+            self.closed = True
+            self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(self._task, timeout=disconnect.CLOSE_TIMEOUT)
+
+    async def _run(self) -> None:
+        key = "bytes" if self.wire.codec.binary else "text"
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                data = self._queue.popleft()
+                self._size -= len(data)
+                await self._send({"type": "websocket.send", key: data})
+            if self._close is not None:
+                code, reason = self._close
+                await self._send({"type": "websocket.close", "code": code, "reason": reason})
+                return
+
+
+async def refuse(send: Send, exc: LiveGiftError) -> None:
     """Refuse the handshake with an HTTP response and the PROTOCOL error body."""
-    body = orjson.dumps({"error": {"code": code, "message": message}})
     await send(
         {
             "type": "websocket.http.response.start",
-            "status": status,
+            "status": exc.status,
             "headers": [(b"content-type", b"application/json")],
         }
     )
-    await send({"type": "websocket.http.response.body", "body": body})
+    await send({"type": "websocket.http.response.body", "body": orjson.dumps(exc.body())})
 
 
 async def websocket_endpoint(
-    services: Services, scope: Scope, receive: Receive, send: Send
+    services: Services, scope: dict[str, Any], receive: Receive, send: Send
 ) -> None:
-    message = await receive()
-    if message["type"] != "websocket.connect":
+    if (await receive())["type"] != "websocket.connect":
         return
     settings = services.settings
     try:
@@ -53,68 +115,27 @@ async def websocket_endpoint(
             settings, scope["path"], scope.get("query_string", b""), scope.get("headers", [])
         )
     except LiveGiftError as exc:
-        await _refuse(send, exc.status, exc.code, exc.message)
+        await refuse(send, exc)
         return
     accept: dict[str, Any] = {"type": "websocket.accept"}
     if join.subprotocol:
         accept["subprotocol"] = join.subprotocol
     await send(accept)
-
+    sink = QueueSink(send, wire_for(join.codec, framed=False), settings.send_buffer_limit)
+    connection = Connection(services, join, sink)
+    sink.on_slow = connection.too_slow
     try:
-        info = await services.ledger.room(join.room) if join.room else None
-    except Unavailable as exc:
-        await send({"type": "websocket.close", "code": 1013, "reason": exc.message[:100]})
-        return
-    except LiveGiftError:
-        info = None
-    if not live_room(info) or info is None:
-        await send({"type": "websocket.close", "code": 4404, "reason": "unknown or ended room"})
-        return
-
-    sink: Sink
-    if TransportSink.supports(send):
-        sink = TransportSink(
-            send.__self__, join.codec, settings.send_buffer_limit, settings.socket_sndbuf
-        )
-    else:
-        sink = QueueSink(send, join.codec, settings.send_buffer_limit)
-    sink.on_slow = services.hub.slow
-    member = Member(join.user.id, sink)
-    session = Session(
-        join.user,
-        join.room,
-        join.codec,
-        services.ledger,
-        services.catalog,
-        settings.max_bad_frames,
-        creator=info["creator"],
-    )
-    CONNECTIONS.inc()
-    try:
-        await services.ledger.remember_name(join.user)
-        await services.hub.join(join.room, member, welcome_factory(join, info), join.since)
-        del info
-        await _read_loop(session, sink, receive)
-    except LiveGiftError as exc:
-        sink.close(1013 if exc.code == "unavailable" else 1011, exc.message[:100])
-    except Exception:
-        log.exception("websocket failed")
-        sink.close(1011, "server error")
+        if await connection.open():
+            await _read(connection, receive)
     finally:
-        CONNECTIONS.dec()
-        services.hub.leave(join.room, member)
+        connection.closed()
+        await sink.finish()
 
 
-async def _read_loop(session: Session, sink: Sink, receive: Receive) -> None:
-    codec = session.codec
+async def _read(connection: Connection, receive: Receive) -> None:
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
             return
         data = message.get("bytes")
-        if data is None:
-            data = message.get("text", "")
-        ack = await session.handle(data)
-        sink.write(codec.frame(codec.encode(ack)))
-        if session.too_many_bad_frames:
-            sink.close(1008, "too many invalid frames")
+        await connection.op(data if data is not None else message.get("text", ""))

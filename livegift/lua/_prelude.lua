@@ -1,5 +1,5 @@
--- Shared helpers, prepended to every script by livegift/ledger.py.
--- Error replies are a bare PROTOCOL code ("insufficient_funds"); ledger.py maps them.
+-- Shared helpers, prepended to every script by livegift/scripts.py.
+-- Error replies start with a PROTOCOL code ("insufficient_funds ..."); scripts.py maps them.
 
 local function fmt(n)
   return string.format('%d', n)
@@ -12,6 +12,27 @@ end
 
 local function jstr(s)
   return cjson.encode(s)
+end
+
+-- One JSON object from a flat array of name, already-JSON-encoded value pairs, in order:
+-- obj({'id', jstr(user), 'coins', fmt(n)}) is {"id":"u1","coins":5}.
+local function obj(fields)
+  local parts = {}
+  for i = 1, #fields, 2 do
+    parts[#parts + 1] = '"' .. fields[i] .. '":' .. fields[i + 1]
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+
+-- A durable room event: "type", "seq" and "ts" first, always in that order and spelling
+-- (livegift/events.py head() reads them from the first bytes; emit() below reads "ts"),
+-- then fields as in obj(). The type names are livegift.events.DURABLE.
+local function event(kind, seq, ts, fields)
+  local head = '{"type":"' .. kind .. '","seq":' .. fmt(seq) .. ',"ts":' .. fmt(ts)
+  if #fields == 0 then
+    return head .. '}'
+  end
+  return head .. ',' .. string.sub(obj(fields), 2)
 end
 
 -- Append one immutable ledger entry and index it under its account.
@@ -27,8 +48,8 @@ end
 
 -- Append a durable room event to the room's history and publish it.
 -- Keeps at least the last hist_len events and everything newer than hist_ms.
-local function emit(hist, channel, seq, event, now, hist_len, hist_ms)
-  redis.call('ZADD', hist, seq, event)
+local function emit(hist, channel, seq, data, now, hist_len, hist_ms)
+  redis.call('ZADD', hist, seq, data)
   for _ = 1, 2 do
     local oldest = redis.call('ZRANGE', hist, 0, 0, 'WITHSCORES')
     if not oldest[2] or tonumber(oldest[2]) > seq - hist_len then
@@ -40,5 +61,5 @@ local function emit(hist, channel, seq, event, now, hist_len, hist_ms)
     end
     redis.call('ZREMRANGEBYRANK', hist, 0, 0)
   end
-  redis.call('PUBLISH', channel, event)
+  redis.call('PUBLISH', channel, data)
 end

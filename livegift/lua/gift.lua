@@ -100,18 +100,23 @@ redis.call('HINCRBY', KEYS[3], 'coins', cost)
 redis.call('HINCRBY', KEYS[3], 'gifts', 1)
 redis.call('ZINCRBY', KEYS[6], cost, user)
 local hist_len, hist_ms = tonumber(ARGV[17]), tonumber(ARGV[18])
-local from = '{"id":' .. jstr(user) .. ',"name":' .. jstr(uname) .. '}'
-local event = '{"type":"gift","seq":' .. fmt(seq) .. ',"ts":' .. fmt(now) .. ',"room":'
-  .. jstr(room_id) .. ',"from":' .. from .. ',"gift":{"id":' .. jstr(gift_id) .. ',"name":'
-  .. jstr(gift_name) .. ',"coins":' .. fmt(gift_coins) .. '},"count":' .. fmt(count)
-  .. ',"coins":' .. fmt(cost) .. ',"combo":' .. fmt(combo) .. '}'
-emit(KEYS[7], ARGV[19], seq, event, now, hist_len, hist_ms)
+local from = obj({'id', jstr(user), 'name', jstr(uname)})
+local sent = event('gift', seq, now, {
+  'room', jstr(room_id),
+  'from', from,
+  'gift', obj({'id', jstr(gift_id), 'name', jstr(gift_name), 'coins', fmt(gift_coins)}),
+  'count', fmt(count),
+  'coins', fmt(cost),
+  'combo', fmt(combo),
+})
+emit(KEYS[7], ARGV[19], seq, sent, now, hist_len, hist_ms)
 
 local auto_min = tonumber(ARGV[14])
 if auto_min > 0 and cost >= auto_min then
   local sseq = redis.call('HINCRBY', KEYS[3], 'seq', 1)
-  local shout = '{"type":"shoutout","seq":' .. fmt(sseq) .. ',"ts":' .. fmt(now) .. ',"room":'
-    .. jstr(room_id) .. ',"to":' .. from .. ',"text":' .. jstr(ARGV[15]) .. ',"auto":true}'
+  local shout = event('shoutout', sseq, now, {
+    'room', jstr(room_id), 'to', from, 'text', jstr(ARGV[15]), 'auto', 'true',
+  })
   emit(KEYS[7], ARGV[19], sseq, shout, now, hist_len, hist_ms)
 end
 

@@ -15,8 +15,11 @@ end
 local now = now_ms()
 local name = redis.call('GET', KEYS[3]) or ARGV[2]
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local event = '{"type":"shoutout","seq":' .. fmt(seq) .. ',"ts":' .. fmt(now) .. ',"room":'
-  .. jstr(room[3]) .. ',"to":{"id":' .. jstr(ARGV[2]) .. ',"name":' .. jstr(name)
-  .. '},"text":' .. jstr(ARGV[3]) .. ',"auto":false}'
-emit(KEYS[2], ARGV[4], seq, event, now, tonumber(ARGV[5]), tonumber(ARGV[6]))
+local shout = event('shoutout', seq, now, {
+  'room', jstr(room[3]),
+  'to', obj({'id', jstr(ARGV[2]), 'name', jstr(name)}),
+  'text', jstr(ARGV[3]),
+  'auto', 'false',
+})
+emit(KEYS[2], ARGV[4], seq, shout, now, tonumber(ARGV[5]), tonumber(ARGV[6]))
 return seq

@@ -21,7 +21,6 @@ if redis.call('GET', KEYS[2]) == room[3] then
   redis.call('DEL', KEYS[2])
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local event = '{"type":"stream_ended","seq":' .. fmt(seq) .. ',"ts":' .. fmt(now) .. ',"room":'
-  .. jstr(room[3]) .. '}'
-emit(KEYS[3], ARGV[2], seq, event, now, tonumber(ARGV[3]), tonumber(ARGV[4]))
+local ended = event('stream_ended', seq, now, {'room', jstr(room[3])})
+emit(KEYS[3], ARGV[2], seq, ended, now, tonumber(ARGV[3]), tonumber(ARGV[4]))
 return seq

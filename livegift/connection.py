@@ -1,0 +1,177 @@
+"""One WebSocket connection's life, whatever carries it: join, ops, leave.
+
+The drivers (:mod:`livegift.api.fastws` on its own asyncio protocol, :mod:`livegift.api.ws`
+under any ASGI server) only move bytes: they parse the handshake into a
+:class:`~livegift.api.handshake.Join`, hand in each client message, and offer a
+:class:`~livegift.hub.Sink` that writes and closes. Everything else happens here, once:
+
+- **join**: the room is looked up (unknown or ended: 4404; data store down: 1013), the
+  session is made and the hub adds the member (welcome, resume, live events);
+- **ops**: run one at a time in arrival order, each answered by an ack; a client that
+  floods is paused by the driver while ops wait, and one that keeps sending garbage is
+  closed with 1008;
+- **leave**: the member leaves its room when the socket goes, for whatever reason.
+
+Every error ends in the close its exception names (:mod:`livegift.errors`), and a client
+too slow to read is cut with 4008 so that it never holds its room back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Protocol
+
+from livegift import disconnect
+from livegift.errors import LiveGiftError, NotFound
+from livegift.hub import Member, Sink
+from livegift.metrics import CONNECTIONS, SLOW_CLOSES
+from livegift.session import Session
+
+if TYPE_CHECKING:
+    from livegift.api.handshake import Join
+    from livegift.services import Services
+
+log = logging.getLogger("livegift.connection")
+
+# Ops waiting beyond this many: the driver stops reading until they are done, so a flood
+# waits in the kernel's buffers, not in ours.
+MAX_QUEUED_OPS = 32
+
+JOINING, OPEN, CLOSED = range(3)
+
+
+class Flow(Protocol):
+    """Read flow control offered by a driver that can pause its socket."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class Connection:
+    __slots__ = ("_flow", "_ops", "_task", "join", "member", "services", "session", "sink", "state")
+
+    def __init__(
+        self, services: Services, join: Join, sink: Sink, flow: Flow | None = None
+    ) -> None:
+        self.services = services
+        self.join = join
+        self.sink = sink
+        self.state = JOINING
+        self.session: Session | None = None
+        self.member: Member | None = None
+        self._flow = flow
+        self._ops: deque[bytes | str] | None = None  # made when a client first sends
+        self._task: asyncio.Task[None] | None = None
+        CONNECTIONS.inc()
+
+    # -- join ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Join, then run the ops that arrive, on one task (for drivers that call receive)."""
+        self._task = asyncio.get_running_loop().create_task(self._open_and_run())
+
+    async def _open_and_run(self) -> None:
+        try:
+            if await self.open():
+                await self._run_ops()
+        finally:
+            self._task = None
+
+    async def open(self) -> bool:
+        """Join the room; True once the member is in. On failure the socket is closed."""
+        try:
+            await self._join()
+        except LiveGiftError as exc:
+            self.sink.close(exc.close, exc.message[:100])
+        except Exception:
+            log.exception("join failed")
+            self.sink.close(disconnect.SERVER_ERROR)
+        finally:
+            # Whatever happened (an error, or a cancellation that was not ours), a socket
+            # that did not make it into its room is closed rather than left hanging.
+            if self.state == JOINING:
+                self.sink.close(disconnect.SERVER_ERROR, "could not join the room")
+        return self.state == OPEN
+
+    async def _join(self) -> None:
+        join, services = self.join, self.services
+        try:
+            info = await services.streams.room(join.room) if join.room else None
+        except NotFound:
+            info = None
+        if info is None or info.get("live") != "1":
+            raise NotFound("unknown or ended room")
+        self.session = Session(
+            join.user,
+            join.room,
+            join.codec,
+            services.ledger,
+            services.streams,
+            services.catalog,
+            services.settings.max_bad_frames,
+            creator=info["creator"],
+        )
+        self.member = Member(join.user.id, self.sink)
+        await services.streams.remember_name(join.user)
+        await services.hub.join(join.room, self.member, join.welcome(info), join.since)
+        if self.state == JOINING and not self.sink.closed:
+            self.state = OPEN
+
+    # -- ops -----------------------------------------------------------------------------
+
+    def receive(self, data: bytes | str) -> None:
+        """A client message arrived; its ack follows once the ops before it are done."""
+        if self.state == CLOSED:
+            return
+        if self._ops is None:
+            self._ops = deque()
+        self._ops.append(data)
+        if len(self._ops) >= MAX_QUEUED_OPS and self._flow is not None:
+            self._flow.pause_reading()
+        if self._task is None and self.state == OPEN:
+            self._task = asyncio.get_running_loop().create_task(self._run_ops())
+
+    async def _run_ops(self) -> None:
+        try:
+            while self._ops and self.state == OPEN:
+                await self.op(self._ops.popleft())
+                if not self._ops and self._flow is not None and self.state == OPEN:
+                    self._flow.resume_reading()
+        finally:
+            self._task = None
+
+    async def op(self, data: bytes | str) -> None:
+        """Run one client message and write its ack (drivers without flow control call
+        this directly, one message at a time)."""
+        session = self.session
+        if session is None or self.state != OPEN:
+            return
+        ack = await session.handle(data)
+        if self.state != OPEN or self.sink.closed:
+            return
+        self.sink.write(self.sink.wire.encode(ack))
+        if session.too_many_bad_frames:
+            self.sink.close(disconnect.POLICY)
+
+    # -- leave ---------------------------------------------------------------------------
+
+    def too_slow(self) -> None:
+        """The driver saw the client's unsent data pass the bound."""
+        if not self.sink.closed:
+            SLOW_CLOSES.inc()
+            self.sink.close(disconnect.TOO_SLOW)
+
+    def closed(self) -> None:
+        """The socket is gone: leave the room and drop waiting ops. Safe to call twice."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        CONNECTIONS.dec()
+        if self.member is not None:
+            self.services.hub.leave(self.join.room, self.member)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._ops = None

@@ -1,0 +1,87 @@
+"""The Lua scripts: their source, their registration, and where store errors become ours.
+
+Each atomic operation is one ``livegift/lua/<name>.lua``, run with ``_prelude.lua`` in
+front of it. Scripts answer domain failures with an error reply whose first word is a
+PROTOCOL code; :func:`store_errors` turns those, and any other failure to reach the data
+store, into the :mod:`livegift.errors` tree, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from livegift.errors import LiveGiftError, Unavailable, from_code
+
+PRELUDE = "_prelude"
+
+
+@cache
+def script_source(name: str) -> str:
+    """The text Redis runs for ``name``: the prelude, then the script."""
+    lua = resources.files("livegift").joinpath("lua")
+    prelude = lua.joinpath(f"{PRELUDE}.lua").read_text("utf-8")
+    return prelude + "\n" + lua.joinpath(f"{name}.lua").read_text("utf-8")
+
+
+def script_names() -> list[str]:
+    """Every script's name (the prelude is not a script of its own)."""
+    lua = resources.files("livegift").joinpath("lua")
+    return sorted(
+        entry.name[:-4]
+        for entry in lua.iterdir()
+        if entry.name.endswith(".lua") and not entry.name.startswith("_")
+    )
+
+
+def _store_error(exc: redis_errors.RedisError) -> LiveGiftError:
+    """A script's error reply or a connection failure, as an exception of the tree."""
+    if isinstance(exc, redis_errors.ResponseError):
+        text = str(exc)
+        code, _, message = text.partition(" ")
+        err = from_code(code, message or None)
+        if type(err) is not LiveGiftError:
+            return err
+        return LiveGiftError(f"data store error: {text}")
+    return Unavailable(f"data store unavailable: {exc.__class__.__name__}")
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """Raise what the data store answers inside the block as :class:`LiveGiftError`."""
+    try:
+        yield
+    except redis_errors.RedisError as exc:
+        raise _store_error(exc) from None
+
+
+class Scripts:
+    """The scripts registered on one client; each reloads itself after NOSCRIPT."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._registered: dict[str, AsyncScript] = {}
+
+    def __getitem__(self, name: str) -> AsyncScript:
+        script = self._registered.get(name)
+        if script is None:
+            script = self.redis.register_script(script_source(name))
+            self._registered[name] = script
+        return script
+
+    async def load(self) -> None:
+        """Load every script up front, so the first calls don't meet NOSCRIPT."""
+        for name in script_names():
+            await self.redis.script_load(script_source(name))
+
+    async def call(self, name: str, keys_: list[str], args: list[Any]) -> Any:
+        """Run one script; its error replies raise as :class:`LiveGiftError`."""
+        with store_errors():
+            return await self[name](keys=keys_, args=args)
