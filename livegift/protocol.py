@@ -7,7 +7,6 @@ the same pre-framed bytes to every member that speaks that codec.
 from __future__ import annotations
 
 import re
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -17,8 +16,9 @@ import orjson
 
 from livegift.auth import USER_ID
 from livegift.errors import BadRequest, error_body
+from livegift.rfc6455 import MAX_MESSAGE, OP_BINARY, OP_TEXT, frame
 
-MAX_FRAME: Final = 4096
+MAX_FRAME: Final = MAX_MESSAGE  # PROTOCOL §4: a client frame over 4 KiB is closed 1009
 REQ = re.compile(r"^[\x21-\x7e]{1,64}$")
 
 
@@ -41,7 +41,7 @@ class Codec:
 
     def frame(self, payload: bytes) -> bytes:
         """A complete unmasked server WebSocket frame (RFC 6455 §5.2) holding payload."""
-        return ws_frame(payload, 0x2 if self.binary else 0x1)
+        return frame(payload, OP_BINARY if self.binary else OP_TEXT)
 
 
 JSON: Final = Codec("livegift.json", binary=False)
@@ -103,20 +103,6 @@ def choose_codec(offered: list[str]) -> Codec | None:
         if name in CODECS:
             return CODECS[name]
     return None
-
-
-def ws_frame(payload: bytes, opcode: int) -> bytes:
-    n = len(payload)
-    first = 0x80 | opcode
-    if n < 126:
-        return struct.pack("!BB", first, n) + payload
-    if n < 1 << 16:
-        return struct.pack("!BBH", first, 126, n) + payload
-    return struct.pack("!BBQ", first, 127, n) + payload
-
-
-def close_frame(code: int, reason: str = "") -> bytes:
-    return ws_frame(struct.pack("!H", code) + reason.encode()[:120], 0x8)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,6 @@ from typing import Final
 
 from livegift import disconnect
 from livegift.disconnect import BAD_DATA, PROTOCOL_ERROR, TOO_BIG, Close
-from livegift.protocol import MAX_FRAME
 
 try:
     from websockets.speedups import apply_mask
@@ -45,6 +44,7 @@ OP_CLOSE: Final = 0x8
 OP_PING: Final = 0x9
 OP_PONG: Final = 0xA
 MAX_CONTROL: Final = 125  # §5.5: control frame payloads
+MAX_MESSAGE: Final = 4096  # a message's payload, all fragments together (PROTOCOL §4)
 MAX_CLOSE_REASON: Final = 123  # a close payload is a 2-byte code and the reason
 GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # §1.3
 MAX_REQUEST_LINE: Final = 8192  # the request line, its CRLF included
@@ -115,7 +115,7 @@ class FrameParser:
 
     __slots__ = ("_buf", "_decoder", "_frag", "_need", "_state", "max_message")
 
-    def __init__(self, max_message: int = MAX_FRAME) -> None:
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
         self.max_message = max_message  # a message's payload, all fragments together
         self._state = _IDLE
         self._buf: bytearray | None = None  # the start of an incomplete frame

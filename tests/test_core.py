@@ -30,8 +30,8 @@ from livegift.protocol import (
     ShoutoutOp,
     choose_codec,
     parse_op,
-    ws_frame,
 )
+from livegift.rfc6455 import frame as ws_frame
 
 SECRET = "unit-secret-0123456789abcdef0123456789"
 
