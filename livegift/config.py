@@ -115,3 +115,10 @@ class Settings:
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+
+def quiet_settings() -> Settings:
+    """The settings, without the development-secrets warning (commands print their own)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return Settings.from_env()
