@@ -104,16 +104,7 @@ class Connection:
             info = None
         if info is None or info.get("live") != "1":
             raise NotFound("unknown or ended room")
-        self.session = Session(
-            join.user,
-            join.room,
-            join.codec,
-            services.ledger,
-            services.streams,
-            services.catalog,
-            services.settings.max_bad_frames,
-            creator=info["creator"],
-        )
+        self.session = Session(join.user, join.room, join.codec, services, info["creator"])
         self.member = Member(join.user.id, self.sink)
         await services.streams.remember_name(join.user)
         await services.hub.join(join.room, self.member, join.welcome(info), join.since)

@@ -9,56 +9,35 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from livegift.auth import User
-from livegift.catalog import Catalog
 from livegift.errors import BadRequest, Forbidden, LiveGiftError
-from livegift.ledger import Ledger
 from livegift.metrics import BAD_FRAMES, GIFTS
 from livegift.protocol import Codec, GiftOp, ShoutoutOp, ack_error, ack_ok, parse_op, read_req
-from livegift.streams import Streams
+
+if TYPE_CHECKING:
+    from livegift.services import Services
 
 log = logging.getLogger("livegift.session")
 
 
 class Session:
-    __slots__ = (
-        "bad_frames",
-        "catalog",
-        "codec",
-        "creator",
-        "ledger",
-        "max_bad_frames",
-        "room",
-        "streams",
-        "user",
-    )
+    __slots__ = ("bad_frames", "codec", "creator", "room", "services", "user")
 
     def __init__(
-        self,
-        user: User,
-        room: str,
-        codec: Codec,
-        ledger: Ledger,
-        streams: Streams,
-        catalog: Catalog,
-        max_bad_frames: int,
-        creator: str | None = None,
+        self, user: User, room: str, codec: Codec, services: Services, creator: str | None = None
     ) -> None:
         self.user = user
         self.room = room
         self.creator = creator
         self.codec = codec
-        self.ledger = ledger
-        self.streams = streams
-        self.catalog = catalog
+        self.services = services
         self.bad_frames = 0
-        self.max_bad_frames = max_bad_frames
 
     @property
     def too_many_bad_frames(self) -> bool:
-        return self.bad_frames >= self.max_bad_frames
+        return self.bad_frames >= self.services.settings.max_bad_frames
 
     async def handle(self, data: bytes | str) -> dict[str, Any]:
         """The ack for one client frame. Never raises for anything the client sent."""
@@ -84,8 +63,8 @@ class Session:
 
     async def _gift(self, op: GiftOp) -> dict[str, Any]:
         try:
-            gift = self.catalog.gift(op.gift)
-            outcome = await self.ledger.gift(
+            gift = self.services.catalog.gift(op.gift)
+            outcome = await self.services.ledger.gift(
                 self.user,
                 self.room,
                 op.req,
@@ -101,10 +80,10 @@ class Session:
         return ack_ok(op.req, balance=outcome.balance, seq=outcome.seq, combo=outcome.combo)
 
     async def _shoutout(self, op: ShoutoutOp) -> dict[str, Any]:
-        creator = self.creator or await self.streams.room_creator(self.room)
+        creator = self.creator or await self.services.streams.room_creator(self.room)
         if creator != self.user.id:
             raise Forbidden("only the stream's creator can give shout-outs")
-        seq = await self.streams.shoutout(self.user, self.room, op.to, op.text)
+        seq = await self.services.streams.shoutout(self.user, self.room, op.to, op.text)
         return ack_ok(op.req, seq=seq)
 
 
