@@ -80,6 +80,10 @@ class Broker:
                 if channel not in self._refs:  # nobody subscribed again meanwhile
                     await self._pubsub.unsubscribe(channel)
 
+    async def publish(self, room: str, data: bytes) -> None:
+        """Publish a live (non-durable) event on the room's channel."""
+        await self.redis.publish(keys.channel(room), data)
+
     async def latest_seq(self, room: str) -> int:
         raw = await self.redis.hget(keys.room(room), "seq")
         return int(raw or 0)

@@ -252,13 +252,23 @@ class Hub:
 
     # -- events in -----------------------------------------------------------------------
 
+    async def publish(self, room_id: str, data: bytes) -> None:
+        """Send a live event (JSON, no seq, not kept in history) to the room's members in
+        every process, with their next batch. Durable events come from the Lua scripts."""
+        await self.broker.publish(room_id, data)
+
     def on_message(self, room_id: str, data: bytes) -> None:
         room = self.rooms.get(room_id)
         if room is None:
             return
-        read = self._read(room_id, data)
-        if read is not None:
-            self._apply(room, room.seq.feed(*read))
+        read = self._read(room_id, data, live=True)
+        if read is None:
+            return
+        seq, item = read
+        if seq:
+            self._apply(room, room.seq.feed(seq, item))
+        elif room.ready.done():  # a live event: no order to keep, nothing to fill
+            self._queue(room, 0, data)
 
     def on_reconnect(self) -> None:
         """Pub/sub came back: anything published meanwhile is fetched from history."""
@@ -266,13 +276,16 @@ class Hub:
             if room.seq.reconnect():
                 self._spawn(self._fill(room, check_head=True))
 
-    def _read(self, room_id: str, data: bytes) -> tuple[int, Item] | None:
-        """(seq, (type, bytes)) of a durable event; anything else is logged and counted."""
+    def _read(self, room_id: str, data: bytes, live: bool = False) -> tuple[int, Item] | None:
+        """(seq, (type, bytes)) of a durable event, or with ``live`` (0, ...) of a live one
+        (no seq, not a durable type); anything else is logged and counted."""
         try:
             type_, seq = events.head(data)
         except events.BadEvent as exc:
             self._bad_event(room_id, data, str(exc))
             return None
+        if not seq and live and type_ not in events.DURABLE:
+            return 0, (type_, data)
         if not seq:
             self._bad_event(room_id, data, f"a {type_!r} event without a seq")
             return None
