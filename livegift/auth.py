@@ -15,11 +15,12 @@ from typing import Any
 
 import jwt
 
+from livegift import keys
 from livegift.catalog import Catalog
 from livegift.clock import utc_today
 from livegift.errors import InvalidReceipt, PriceMismatch, Unauthorized
 
-USER_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+USER_ID = keys.ID  # use with fullmatch
 ALGORITHM = "HS256"
 ADULT_AGE = 18
 
@@ -71,7 +72,7 @@ def mint_token(
     roles: list[str] | None = None,
     now: float | None = None,
 ) -> str:
-    if not USER_ID.match(sub):
+    if not USER_ID.fullmatch(sub):
         raise ValueError("user id must be 1-64 of A-Z a-z 0-9 _ . -")
     issued = int(now if now is not None else time.time())
     claims: dict[str, Any] = {"sub": sub, "iat": issued, "exp": issued + ttl}
@@ -93,6 +94,14 @@ def bearer_token(header: str) -> str | None:
 
 def verify_token(secret: str, token: str | None) -> User:
     """The user a token names, or :class:`Unauthorized`."""
+    return verify_session(secret, token)[0]
+
+
+def verify_session(secret: str, token: str | None) -> tuple[User, int]:
+    """The user a token names and its ``exp`` (epoch seconds), or :class:`Unauthorized`.
+
+    A socket holds its token until ``exp`` (PROTOCOL §8), so the connection keeps both.
+    """
     if not token:
         raise Unauthorized("a token is required")
     try:
@@ -104,14 +113,17 @@ def verify_token(secret: str, token: str | None) -> User:
     except jwt.PyJWTError as exc:
         raise Unauthorized(f"invalid token: {exc}") from None
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not USER_ID.match(sub):
+    if not isinstance(sub, str) or not USER_ID.fullmatch(sub):
         raise Unauthorized("invalid token: bad sub")
     name = claims.get("name")
     if not isinstance(name, str) or not 1 <= len(name) <= 64:
         name = sub
     roles = claims.get("roles")
     role_tuple = tuple(r for r in roles if isinstance(r, str)) if isinstance(roles, list) else ()
-    return User(sub, name, parse_birthdate(claims.get("birthdate")), role_tuple)
+    exp = claims["exp"]
+    if type(exp) is not int:  # PyJWT accepts a float exp; the sweep works in whole seconds
+        exp = int(exp)
+    return User(sub, name, parse_birthdate(claims.get("birthdate")), role_tuple), exp
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +135,13 @@ class Receipt:
     amount: int
     currency: str
     coins: int
+    # Signed by `livegift receipt` or POST /api/dev/receipt, not by a store: credited only
+    # in development mode, and marked as sandbox in the ledger.
+    sandbox: bool = False
+
+
+# The claim that marks a receipt that no store signed.
+SANDBOX_CLAIM = ("env", "sandbox")
 
 
 def mint_receipt(
@@ -133,8 +152,10 @@ def mint_receipt(
     *,
     region: str = "US",
     txn: str | None = None,
+    sandbox: bool = True,
 ) -> str:
-    """A sandbox receipt at the region's list price."""
+    """A sandbox receipt at the region's list price (``sandbox=False``: as a store signs
+    it, for tests that play the store)."""
     price_list = catalog.price_list(region)
     pkg = price_list.package(package)
     claims = {
@@ -145,10 +166,18 @@ def mint_receipt(
         "amount": pkg.price,
         "currency": price_list.currency,
     }
+    if sandbox:
+        claims[SANDBOX_CLAIM[0]] = SANDBOX_CLAIM[1]
     return jwt.encode(claims, payment_secret, algorithm=ALGORITHM)
 
 
-def verify_receipt(payment_secret: str, catalog: Catalog, receipt: object, user: User) -> Receipt:
+def verify_receipt(
+    payment_secret: str, catalog: Catalog, receipt: object, user: User, *, dev_mode: bool = False
+) -> Receipt:
+    """The purchase a receipt proves, or :class:`InvalidReceipt` / :class:`PriceMismatch`.
+
+    A sandbox receipt is refused unless ``dev_mode``: outside development mode its coins
+    could be gifted and cashed out as real money."""
     if not isinstance(receipt, str) or not receipt:
         raise InvalidReceipt("receipt must be a signed string")
     try:
@@ -160,6 +189,9 @@ def verify_receipt(payment_secret: str, catalog: Catalog, receipt: object, user:
     amount, currency = claims.get("amount"), claims.get("currency")
     if not isinstance(txn, str) or not 1 <= len(txn) <= 128:
         raise InvalidReceipt("receipt txn must be 1-128 characters")
+    sandbox = _is_sandbox(claims)
+    if sandbox and not dev_mode:
+        raise InvalidReceipt("sandbox receipts are only accepted in development mode")
     if sub != user.id:
         raise InvalidReceipt("receipt belongs to another user")
     if not isinstance(package, str) or not isinstance(region, str):
@@ -172,5 +204,21 @@ def verify_receipt(payment_secret: str, catalog: Catalog, receipt: object, user:
             f"receipt says {amount} {currency}"
         )
     return Receipt(
-        txn, user.id, pkg.id, price_list.region, pkg.price, price_list.currency, pkg.coins
+        txn,
+        user.id,
+        pkg.id,
+        price_list.region,
+        pkg.price,
+        price_list.currency,
+        pkg.coins,
+        sandbox,
     )
+
+
+def _is_sandbox(claims: dict[str, Any]) -> bool:
+    """Is this a sandbox receipt? A receipt with no ``env`` claim is a store's."""
+    name, sandbox = SANDBOX_CLAIM
+    env = claims.get(name, "production")
+    if env not in (sandbox, "production"):
+        raise InvalidReceipt(f"receipt {name} must be {sandbox!r} or 'production'")
+    return bool(env == sandbox)

@@ -1,6 +1,7 @@
 """Redis pub/sub and room history: one subscription per room per process.
 
-One dedicated connection carries every room channel this process has members in. A
+One dedicated connection carries every room channel this process has members in, and the
+few other channels it listens to (a followed creator's feed, :mod:`livegift.follow`). A
 subscribe returns only once Redis confirms it, so a reader of the room's seq afterwards
 cannot miss an event between the two. Events arrive as the JSON bytes the Lua script
 published, and go to the hub untouched.
@@ -25,6 +26,7 @@ log = logging.getLogger("livegift.broker")
 
 OnMessage = Callable[[str, bytes], None]
 OnReconnect = Callable[[], None]
+OnData = Callable[[bytes], None]
 
 
 class Broker:
@@ -34,6 +36,8 @@ class Broker:
         self._on_reconnect = on_reconnect
         self._pubsub: PubSub = redis.pubsub(ignore_subscribe_messages=False)
         self._rooms: dict[bytes, str] = {}
+        # Channels that are not a room's: what to call with a message and after a reconnect.
+        self._channels: dict[bytes, tuple[OnData, OnReconnect]] = {}
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -57,6 +61,28 @@ class Broker:
     async def subscribe(self, room: str) -> None:
         channel = keys.channel(room).encode()
         self._rooms[channel] = room
+        await self._subscribe(channel)
+
+    async def unsubscribe(self, room: str) -> None:
+        channel = keys.channel(room).encode()
+        if self._release(channel):
+            self._rooms.pop(channel, None)
+            await self._unsubscribe(channel)
+
+    async def listen(self, channel: str, on_data: OnData, on_reconnect: OnReconnect) -> None:
+        """Subscribe to a channel that is not a room's. ``on_reconnect`` is called after
+        pub/sub comes back, since messages published meanwhile are lost."""
+        raw = channel.encode()
+        self._channels[raw] = (on_data, on_reconnect)
+        await self._subscribe(raw)
+
+    async def unlisten(self, channel: str) -> None:
+        raw = channel.encode()
+        if self._release(raw):
+            self._channels.pop(raw, None)
+            await self._unsubscribe(raw)
+
+    async def _subscribe(self, channel: bytes) -> None:
         # Counted, so that an unsubscribe left over from a room dropped a moment ago
         # cannot cancel this newer subscription.
         self._refs[channel] = self._refs.get(channel, 0) + 1
@@ -67,14 +93,16 @@ class Broker:
         self._wake.set()
         await asyncio.wait_for(future, timeout=10)
 
-    async def unsubscribe(self, room: str) -> None:
-        channel = keys.channel(room).encode()
+    def _release(self, channel: bytes) -> bool:
+        """Drop one reference; True when it was the last."""
         refs = self._refs.get(channel, 0) - 1
         if refs > 0:
             self._refs[channel] = refs
-            return
+            return False
         self._refs.pop(channel, None)
-        self._rooms.pop(channel, None)
+        return True
+
+    async def _unsubscribe(self, channel: bytes) -> None:
         with contextlib.suppress(redis_errors.RedisError):
             async with self._lock:
                 if channel not in self._refs:  # nobody subscribed again meanwhile
@@ -94,6 +122,16 @@ class Broker:
         rows = await self.redis.zrangebyscore(keys.history(room), f"({after}", top)
         return list(rows)
 
+    async def history_page(
+        self, room: str, after: int, upto: int, limit: int
+    ) -> list[tuple[int, bytes]]:
+        """At most ``limit`` of the durable events with after < seq <= upto, oldest
+        first, each with its seq (the history's score): one page of a resume."""
+        rows = await self.redis.zrangebyscore(
+            keys.history(room), f"({after}", upto, start=0, num=limit, withscores=True
+        )
+        return [(int(score), data) for data, score in rows]
+
     async def _run(self) -> None:
         reconnecting = False
         while True:
@@ -108,6 +146,8 @@ class Broker:
                         room = self._rooms.get(msg["channel"])
                         if room is not None:
                             self._on_message(room, msg["data"])
+                        elif (handlers := self._channels.get(msg["channel"])) is not None:
+                            handlers[0](msg["data"])
                     elif kind == "subscribe":
                         future = self._confirm.pop(msg["channel"], None)
                         if future is not None and not future.done():
@@ -116,6 +156,8 @@ class Broker:
                             reconnecting = False
                             log.info("pub/sub reconnected")
                             self._on_reconnect()
+                            for _, again in list(self._channels.values()):
+                                again()
             except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
                 REDIS_ERRORS.labels("pubsub").inc()
                 if not reconnecting:

@@ -1,4 +1,7 @@
-"""The ``livegift`` command: serve, token, receipt, reconcile, payouts, watch, gift."""
+"""The ``livegift`` command: serve, token, receipt, reconcile, payouts, watch, gift.
+
+``watch`` and ``gift`` print what the server sends only through
+:func:`livegift.terminal.safe`: user text must not drive the terminal."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Any
 from livegift import auth, serve
 from livegift.catalog import default_catalog
 from livegift.config import ConfigError, Settings, quiet_settings
+from livegift.terminal import safe
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -58,6 +62,12 @@ def cmd_receipt(args: argparse.Namespace) -> int:
         print(f"livegift receipt: {exc}", file=sys.stderr)
         return 2
     print(receipt)
+    if not settings.dev_mode:
+        print(
+            "livegift receipt: a sandbox receipt: only a server in development mode "
+            "(LIVEGIFT_DEV=1 or serve --demo) credits it",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -66,20 +76,24 @@ def cmd_receipt(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _data_store(settings: Settings) -> Any:
-    """REDIS_URL, else the embedded server's data (started for the command if needed)."""
+    """REDIS_URL, else the embedded server's data (started for the command if needed),
+    reached with the password kept in its data folder."""
     import redis
 
-    from livegift.embedded import EmbeddedRedis
+    from livegift.embedded import EmbeddedError, EmbeddedRedis
 
     embedded = None
     url = settings.redis_url
     if not url:
         embedded = EmbeddedRedis(settings.data_dir)
-        if not (settings.data_dir.exists() or embedded.running_url()):
+        if not settings.data_dir.exists():
             raise SystemExit(
                 f"livegift: no data store: REDIS_URL is unset and {settings.data_dir} has no data"
             )
-        url = embedded.start()
+        try:
+            url = embedded.start()
+        except EmbeddedError as exc:
+            raise SystemExit(f"livegift: {exc}") from None
     client = redis.Redis.from_url(url)
     try:
         yield client, url
@@ -150,18 +164,16 @@ def cmd_watch(args: argparse.Namespace) -> int:
             for frame in ws:
                 data = json.loads(frame)
                 for event in data if isinstance(data, list) else [data]:
-                    print(_describe(event) if not args.raw else json.dumps(event), flush=True)
+                    line = _describe(event) if not args.raw else json.dumps(event)
+                    print(safe(line), flush=True)
     except InvalidStatus as exc:
-        print(
-            f"livegift watch: refused: HTTP {exc.response.status_code} "
-            f"{exc.response.body.decode(errors='replace')}",
-            file=sys.stderr,
-        )
+        body = safe(exc.response.body.decode(errors="replace"))
+        print(f"livegift watch: refused: HTTP {exc.response.status_code} {body}", file=sys.stderr)
         return 1
     except ConnectionClosed as exc:
         code = exc.rcvd.code if exc.rcvd else 1006
         reason = exc.rcvd.reason if exc.rcvd else ""
-        print(f"livegift watch: closed {code} {reason}", file=sys.stderr)
+        print(f"livegift watch: closed {code} {safe(reason)}", file=sys.stderr)
         return 0 if code == 1000 else 1
     except OSError as exc:
         print(f"livegift watch: cannot connect to {args.url}: {exc}", file=sys.stderr)
@@ -211,15 +223,14 @@ def cmd_gift(args: argparse.Namespace) -> int:
                 data = json.loads(ws.recv(timeout=10))
                 for event in data if isinstance(data, list) else [data]:
                     if event.get("type") == "ack" and event.get("req") == req:
-                        print(json.dumps(event))
+                        print(safe(json.dumps(event)))
                         return 0 if event["ok"] else 1
     except InvalidStatus as exc:
         print(f"livegift gift: refused: HTTP {exc.response.status_code}", file=sys.stderr)
     except ConnectionClosed as exc:
         code = exc.rcvd.code if exc.rcvd else 1006
-        print(
-            f"livegift gift: closed {code} {exc.rcvd.reason if exc.rcvd else ''}", file=sys.stderr
-        )
+        reason = safe(exc.rcvd.reason) if exc.rcvd else ""
+        print(f"livegift gift: closed {code} {reason}", file=sys.stderr)
     except (OSError, TimeoutError) as exc:
         print(f"livegift gift: {exc}", file=sys.stderr)
     return 1

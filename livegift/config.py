@@ -3,13 +3,15 @@
 Each setting is written once: its default, its environment variable and its lower bound
 sit together on the field, and :meth:`Settings.from_env` reads every field that names a
 variable. Secrets fall back to development values with a warning so that ``livegift
-serve`` works on a fresh machine; production deployments set ``LIVEGIFT_SECRET`` and
-``LIVEGIFT_PAYMENT_SECRET``.
+serve`` works on a fresh machine on the loopback interface; anywhere else ``serve``
+refuses to start without ``LIVEGIFT_SECRET`` and ``LIVEGIFT_PAYMENT_SECRET``
+(:func:`public_host_problems`). Development mode is off unless asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import warnings
 from collections.abc import Mapping
@@ -62,7 +64,9 @@ class Settings:
     secret: str = env("LIVEGIFT_SECRET", DEV_SECRET)
     payment_secret: str = env("LIVEGIFT_PAYMENT_SECRET", DEV_PAYMENT_SECRET)
     data_dir: Path = env("LIVEGIFT_DATA_DIR", ".livegift", path=True)
-    dev_mode: bool = env("LIVEGIFT_DEV", True)
+    # Development mode (PROTOCOL §8): sandbox conveniences such as POST /api/dev/receipt,
+    # and sandbox receipts credit coins (marked as sandbox in the ledger). Off unless asked.
+    dev_mode: bool = env("LIVEGIFT_DEV", False)
     # Fan-out: events for a room are gathered for this many ms, then written in one frame.
     batch_ms: int = env("LIVEGIFT_BATCH_MS", 10)
     # Large rooms widen their window up to this, so frames carry more events per write.
@@ -75,6 +79,15 @@ class Settings:
     # Seconds between pings to an idle WebSocket; one silent for two intervals is dropped.
     ping_interval: int = env("LIVEGIFT_PING_INTERVAL", 20, minimum=1)
     redis_max_connections: int = env("LIVEGIFT_REDIS_CONNECTIONS", 64, minimum=2)
+    # Limits (livegift.api.guard, livegift.admission). Open connections of one user in
+    # this process (PROTOCOL §8), and of everyone (HTTP and WebSocket): past them, 429 / 503.
+    max_connections_per_user: int = env("LIVEGIFT_MAX_CONNECTIONS_PER_USER", 16, minimum=1)
+    max_connections: int = env("LIVEGIFT_MAX_CONNECTIONS", 50_000, minimum=1)
+    # Seconds a client gets to send a whole request (head and body) once it connects or
+    # starts one; a silent or half-sent request is closed (408).
+    handshake_timeout: int = env("LIVEGIFT_HANDSHAKE_TIMEOUT", 10, minimum=1)
+    # Bytes of an HTTP request body; a longer one is refused with 413 before it is read.
+    max_body: int = env("LIVEGIFT_MAX_BODY", 65536, minimum=1024)
     # Gift rules.
     gift_rate: int = env("LIVEGIFT_GIFT_RATE", 10, minimum=1)
     gift_burst: int = env("LIVEGIFT_GIFT_BURST", 20, minimum=1)
@@ -87,6 +100,9 @@ class Settings:
     # Room history kept for resume: at least this many events or this many seconds.
     history_len: int = env("LIVEGIFT_HISTORY_LEN", 1000, minimum=1)
     history_seconds: int = env("LIVEGIFT_HISTORY_SECONDS", 600, minimum=1)
+    # Seconds an ended stream's room (its hash and top gifters) is kept for GET
+    # /api/streams/{room}; its history goes after history_seconds (docs/protocol.md).
+    ended_room_ttl: int = env("LIVEGIFT_ENDED_ROOM_TTL", 86400, minimum=1)
     # Payouts.
     commission_bps: int = env("LIVEGIFT_COMMISSION_BPS", 5000, maximum=10_000)
     payout_min_diamonds: int = env("LIVEGIFT_PAYOUT_MIN", 1000, minimum=1)
@@ -122,3 +138,39 @@ def quiet_settings() -> Settings:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return Settings.from_env()
+
+
+def is_loopback(host: str) -> bool:
+    """Does listening on ``host`` reach this machine only? Unknown names count as public."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def public_host_problems(settings: Settings, host: str) -> list[str]:
+    """Why ``livegift serve`` must not listen on ``host`` (PROTOCOL §8); empty when it may.
+
+    Off the loopback interface, development secrets (unset, or set to the public
+    development values) would let anyone forge tokens and receipts, and development mode
+    signs sandbox receipts for anyone."""
+    if is_loopback(host):
+        return []
+    problems = [
+        f"{name} is unset (or the development value): anyone could forge {what} with the "
+        f"development secret, which is public. Set {name} to a long random value "
+        "(e.g. `openssl rand -hex 32`)."
+        for name, what, value, dev in (
+            ("LIVEGIFT_SECRET", "user tokens", settings.secret, DEV_SECRET),
+            ("LIVEGIFT_PAYMENT_SECRET", "receipts", settings.payment_secret, DEV_PAYMENT_SECRET),
+        )
+        if value == dev
+    ]
+    if settings.dev_mode:
+        problems.append(
+            "development mode is on (LIVEGIFT_DEV=1 or --demo): it signs sandbox receipts "
+            "for anyone. Unset LIVEGIFT_DEV and drop --demo, or listen on 127.0.0.1."
+        )
+    return problems

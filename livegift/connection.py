@@ -5,12 +5,18 @@ under any ASGI server) only move bytes: they parse the handshake into a
 :class:`~livegift.api.handshake.Join`, hand in each client message, and offer a
 :class:`~livegift.hub.Sink` that writes and closes. Everything else happens here, once:
 
+- **admission** (PROTOCOL §8): before the driver accepts the handshake, :meth:`admit`
+  takes the connection's place among its user's (past the cap: HTTP 429
+  ``too_many_connections``); the connection gives it back once, when it ends;
 - **join**: the room is looked up (unknown or ended: 4404; data store down: 1013), the
   session is made and the hub adds the member (welcome, resume, live events);
 - **ops**: run one at a time in arrival order, each answered by an ack; a client that
   floods is paused by the driver while ops wait, and one that keeps sending garbage is
   closed with 1008;
-- **leave**: the member leaves its room when the socket goes, for whatever reason.
+- **leave**: the member leaves its room when the socket goes, for whatever reason;
+- **token expiry** (PROTOCOL §8): the token's ``exp`` holds on the open socket. A ``refresh``
+  op moves it; at ``exp`` the process's sweep (:mod:`livegift.expiry`) closes the socket
+  4401 ``token_expired``, and an op that arrives after ``exp`` is not run but closes it.
 
 Every error ends in the close its exception names (:mod:`livegift.errors`), and a client
 too slow to read is cut with 4008 so that it never holds its room back.
@@ -20,16 +26,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from livegift import disconnect
-from livegift.errors import LiveGiftError, NotFound
+from livegift.errors import LiveGiftError, NotFound, TokenExpired
 from livegift.hub import Member, Sink
 from livegift.metrics import CONNECTIONS, SLOW_CLOSES
 from livegift.session import Session
 
 if TYPE_CHECKING:
+    from livegift.admission import Slot
     from livegift.api.handshake import Join
     from livegift.services import Services
 
@@ -51,23 +59,52 @@ class Flow(Protocol):
 
 
 class Connection:
-    __slots__ = ("_flow", "_ops", "_task", "join", "member", "services", "session", "sink", "state")
+    __slots__ = (
+        "_flow",
+        "_ops",
+        "_task",
+        "expires",
+        "join",
+        "member",
+        "services",
+        "session",
+        "sink",
+        "slot",
+        "state",
+    )
 
     def __init__(
-        self, services: Services, join: Join, sink: Sink, flow: Flow | None = None
+        self,
+        services: Services,
+        join: Join,
+        sink: Sink,
+        flow: Flow | None = None,
+        slot: Slot | None = None,
     ) -> None:
         self.services = services
         self.join = join
         self.sink = sink
+        # This connection's place among its user's (from admit), released in closed().
+        self.slot = slot
         self.state = JOINING
         self.session: Session | None = None
         self.member: Member | None = None
         self._flow = flow
         self._ops: deque[bytes | str] | None = None  # made when a client first sends
         self._task: asyncio.Task[None] | None = None
+        # The token's exp (epoch seconds), watched by services.deadlines; 0 once closed.
+        self.expires = join.expires
         CONNECTIONS.inc()
 
     # -- join ----------------------------------------------------------------------------
+
+    @staticmethod
+    def admit(services: Services, join: Join) -> Slot:
+        """A place for one more connection of the join's user in this process, taken
+        before the handshake is accepted: TooManyConnections (HTTP 429) past
+        LIVEGIFT_MAX_CONNECTIONS_PER_USER (PROTOCOL §8). The Connection made with it
+        gives it back when it ends; a driver that makes none calls ``slot.release()``."""
+        return services.admission.enter(join.user.id)
 
     def start(self) -> None:
         """Join, then run the ops that arrive, on one task (for drivers that call receive)."""
@@ -82,6 +119,7 @@ class Connection:
 
     async def open(self) -> bool:
         """Join the room; True once the member is in. On failure the socket is closed."""
+        self.services.deadlines.add(self)
         try:
             await self._join()
         except LiveGiftError as exc:
@@ -104,7 +142,10 @@ class Connection:
             info = None
         if info is None or info.get("live") != "1":
             raise NotFound("unknown or ended room")
-        self.session = Session(join.user, join.room, join.codec, services, info["creator"])
+        attempts = self.slot.bucket if self.slot is not None else None  # the user's bucket
+        self.session = Session(
+            join.user, join.room, join.codec, services, info["creator"], join.expires, attempts
+        )
         self.member = Member(join.user.id, self.sink)
         await services.streams.remember_name(join.user)
         await services.hub.join(join.room, self.member, join.welcome(info), join.since)
@@ -138,14 +179,33 @@ class Connection:
         """Run one client message and write its ack (drivers without flow control call
         this directly, one message at a time)."""
         session = self.session
-        if session is None or self.state != OPEN:
+        if session is None or self.state != OPEN or self.sink.closed:
+            return
+        if self.expires and time.time() >= self.expires:
+            self.expire()  # the sweep may not have come round yet: never run it
             return
         ack = await session.handle(data)
         if self.state != OPEN or self.sink.closed:
             return
+        if session.expires != self.expires:
+            self._refreshed(session.expires)
         self.sink.write(self.sink.wire.encode(ack))
         if session.too_many_bad_frames:
             self.sink.close(disconnect.POLICY)
+
+    # -- token expiry --------------------------------------------------------------------
+
+    def _refreshed(self, expires: int) -> None:
+        """A refresh op swapped in a token with another exp."""
+        self.services.deadlines.dropped()
+        self.expires = expires
+        self.services.deadlines.add(self)
+
+    def expire(self) -> None:
+        """The token reached its exp without a refresh: close 4401 ``token_expired``."""
+        self.expires = 0
+        self._ops = None  # what is still queued was sent too late to run
+        self.sink.close(TokenExpired.close, TokenExpired.code)
 
     # -- leave ---------------------------------------------------------------------------
 
@@ -161,6 +221,11 @@ class Connection:
             return
         self.state = CLOSED
         CONNECTIONS.dec()
+        if self.slot is not None:
+            self.slot.release()
+        if self.expires:
+            self.expires = 0
+            self.services.deadlines.dropped()
         if self.member is not None:
             self.services.hub.leave(self.join.room, self.member)
         if self._task is not None and not self._task.done():

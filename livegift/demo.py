@@ -53,7 +53,9 @@ async def seed(settings: Settings) -> DemoInfo:
             coins, _ = await ledger.wallet(uid)
             while coins < 5000:
                 token = auth.mint_receipt(settings.payment_secret, catalog, uid, "p6607")
-                receipt = auth.verify_receipt(settings.payment_secret, catalog, token, user)
+                receipt = auth.verify_receipt(
+                    settings.payment_secret, catalog, token, user, dev_mode=settings.dev_mode
+                )
                 coins = (await ledger.recharge(receipt)).coins
     finally:
         await redis.aclose()
@@ -83,7 +85,9 @@ async def _top_up(settings: Settings, user: User) -> None:
         catalog = default_catalog()
         receipt = auth.mint_receipt(settings.payment_secret, catalog, user.id, "p6607")
         await Ledger(redis, settings, catalog).recharge(
-            auth.verify_receipt(settings.payment_secret, catalog, receipt, user)
+            auth.verify_receipt(
+                settings.payment_secret, catalog, receipt, user, dev_mode=settings.dev_mode
+            )
         )
     finally:
         await redis.aclose()

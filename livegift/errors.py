@@ -7,7 +7,9 @@ HTTP responses, refused handshakes and failed acks all carry.
 
 LiveGiftError                 base, code "internal", HTTP 500
 ├── BadRequest                bad_request, 400 (WebSocket close 1008)
+│   └── PayloadTooLarge       bad_request, 413: a request body over LIVEGIFT_MAX_BODY
 ├── Unauthorized              unauthorized, 401 (WebSocket close 4401)
+│   └── TokenExpired          token_expired, 401: the token of an open socket reached exp
 ├── Forbidden                 forbidden, 403 (WebSocket close 4403)
 ├── NotFound                  not_found, 404 (WebSocket close 4404)
 ├── UnknownGift               unknown_gift, 400
@@ -17,6 +19,7 @@ LiveGiftError                 base, code "internal", HTTP 500
 ├── StreamNotLive             stream_not_live, 409
 ├── SelfGift                  self_gift, 400
 ├── RateLimited               rate_limited, 429
+├── TooManyConnections        too_many_connections, 429 (WebSocket close 1008)
 ├── IdempotencyConflict       idempotency_conflict, 409
 ├── InvalidReceipt            invalid_receipt, 400
 ├── PriceMismatch             price_mismatch, 400
@@ -57,9 +60,21 @@ class BadRequest(LiveGiftError):
     close = disconnect.POLICY
 
 
+class PayloadTooLarge(BadRequest):
+    """Not a code of its own (PROTOCOL §6 has none): bad_request, with HTTP 413."""
+
+    status, default_message = 413, "request body too large"
+
+
 class Unauthorized(LiveGiftError):
     code, status, default_message = "unauthorized", 401, "a valid token is required"
     close = disconnect.UNAUTHORIZED
+
+
+class TokenExpired(Unauthorized):
+    """PROTOCOL §8: a socket whose token reached ``exp`` is closed 4401, reason = this code."""
+
+    code, default_message = "token_expired", "the token expired: refresh it before exp"
 
 
 class Forbidden(LiveGiftError):
@@ -100,6 +115,12 @@ class RateLimited(LiveGiftError):
     code, status, default_message = "rate_limited", 429, "too many gifts, slow down"
 
 
+class TooManyConnections(LiveGiftError):
+    code, status = "too_many_connections", 429
+    default_message = "too many open connections for this user"
+    close = disconnect.POLICY
+
+
 class IdempotencyConflict(LiveGiftError):
     code, status = "idempotency_conflict", 409
     default_message = "this request id was already used with different parameters"
@@ -136,6 +157,7 @@ BY_CODE: dict[str, type[LiveGiftError]] = {
         LiveGiftError,
         BadRequest,
         Unauthorized,
+        TokenExpired,
         Forbidden,
         NotFound,
         UnknownGift,
@@ -145,6 +167,7 @@ BY_CODE: dict[str, type[LiveGiftError]] = {
         StreamNotLive,
         SelfGift,
         RateLimited,
+        TooManyConnections,
         IdempotencyConflict,
         InvalidReceipt,
         PriceMismatch,

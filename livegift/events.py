@@ -25,7 +25,11 @@ ACK: Final = "ack"
 RESUMED: Final = "resumed"
 LEADERBOARD: Final = "leaderboard"
 VIEWERS: Final = "viewers"
-LIVE: Final = frozenset({WELCOME, ACK, RESUMED, LEADERBOARD, VIEWERS})
+# On a creator's overlay connection (livegift.follow): the creator went live in a new room
+# (its welcome follows), or has no live stream.
+STREAM_STARTED: Final = "stream_started"
+OFFLINE: Final = "offline"
+LIVE: Final = frozenset({WELCOME, ACK, RESUMED, LEADERBOARD, VIEWERS, STREAM_STARTED, OFFLINE})
 
 _TYPE = b'{"type":"'
 _SEQ = b',"seq":'

@@ -24,6 +24,7 @@ from livegift.disconnect import Close
 from livegift.errors import Unavailable
 from livegift.metrics import BAD_EVENTS, DELIVERIES, FANOUT_BATCH, FANOUT_LATENCY, ROOMS
 from livegift.protocol import Wire
+from livegift.replay import replay
 from livegift.rooms import Item, Room
 from livegift.rooms import Member as Member  # part of the hub's API: join(room, Member(...))
 from livegift.sequencer import Step
@@ -53,6 +54,10 @@ class Sink(Protocol):
         ...
 
     def write(self, data: bytes | str) -> None: ...
+
+    def buffered(self) -> int:
+        """Bytes written but not yet sent to the client (a resume waits for these)."""
+        ...
 
     def close(self, close: Close, reason: str = "") -> None:
         """Close the connection; ``reason`` "" means ``close.reason``."""
@@ -94,8 +99,11 @@ class Hub:
         batch_ms: int,
         max_batch_ms: int = 100,
         linger_s: float = 1.0,
+        send_limit: int = 1 << 20,
     ) -> None:
         self.broker = broker_factory(self.on_message, self.on_reconnect)
+        # A member's unsent bytes past this: too slow. Bounds resume chunks and backlogs.
+        self.send_limit = send_limit
         self.batch_s = batch_ms / 1000
         self.max_batch_s = max(max_batch_ms, batch_ms) / 1000
         self.linger_s = linger_s
@@ -155,7 +163,7 @@ class Hub:
         # A member resuming from a seq this process has not seen yet (another worker was
         # ahead) must not get anything up to that seq again.
         member.head = head if since is None else max(head, since)
-        viewers = max(self.watcher.known_viewers(room_id), room.count() + 1)
+        viewers = max(self.watcher.known_viewers(room_id), room.count() + member.counted)
         sink.write(sink.wire.encode(welcome(head, viewers)))
         sink.on_close = lambda: room.detach(member)
         if since is not None:
@@ -170,7 +178,7 @@ class Hub:
         room = self.rooms.get(room_id)
         fresh = room is None
         if room is None:
-            room = self.rooms[room_id] = Room(room_id, self._loop)
+            room = self.rooms[room_id] = Room(room_id, self._loop, self.send_limit)
             ROOMS.inc()
         elif room.linger is not None:
             room.linger.cancel()
@@ -202,20 +210,24 @@ class Hub:
         self._apply(room, step)
 
     async def _resume(self, room: Room, member: Member, since: int, head: int) -> None:
-        """Replay the history after ``since`` up to the welcome's seq, then go live."""
+        """Replay the history after ``since`` up to the welcome's seq (in chunks the
+        client can take: livegift.replay), then go live."""
         sink = member.sink
         member.backlog = []
         room.catching.add(member)
         try:
-            rows = await self.broker.history(room.id, since, head) if since < head else []
+            first = await replay(
+                self.broker, room.id, sink, since, head, self.send_limit, self._read_all
+            )
         except BaseException:
             member.backlog = None
-            room.catching.discard(member)
+            room.remove(member)
             raise
-        replay = self._read_all(room.id, rows)
-        complete = since >= head or (bool(replay) and replay[0][0] == since + 1)
-        if replay:
-            sink.write(sink.wire.events([data for _, (_, data) in replay]))
+        if sink.closed:  # cut as too slow, or gone, mid-replay
+            member.backlog = None
+            room.remove(member)
+            return
+        complete = since >= head or first == since + 1
         resumed = {
             "type": events.RESUMED,
             "from": since + 1,
@@ -233,12 +245,12 @@ class Hub:
         if room is None:
             return
         room.remove(member)
-        if room.count() == 0 and room.joining == 0 and room.linger is None:
+        if room.size() == 0 and room.joining == 0 and room.linger is None:
             room.linger = self._loop.call_later(self.linger_s, self._drop, room)
 
     def _drop(self, room: Room) -> None:
         room.linger = None
-        if room.count() == 0 and room.joining == 0 and self.rooms.get(room.id) is room:
+        if room.size() == 0 and room.joining == 0 and self.rooms.get(room.id) is room:
             self._forget(room)
             self._spawn(self.broker.unsubscribe(room.id))
 

@@ -12,9 +12,11 @@ later move to sharded pub/sub per room without renaming anything.
     lg:{lg}:rl:<user>                hash  tokens, ts                gift rate bucket
     lg:{lg}:spend:<user>:<yyyymmdd>  string coins spent that day     optional daily cap
     lg:{lg}:room:<room>              hash  creator, name, live, seq, coins, gifts, title, ...
+                                           (expires ended_room_ttl after the stream ends)
     lg:{lg}:room:<room>:hist         zset  score=seq member=event JSON   resume history
+                                           (expires history_seconds after the end)
     lg:{lg}:room:<room>:combo:<user> hash  gift, combo, ts           streak state (expires)
-    lg:{lg}:room:<room>:top          zset  user -> coins this stream
+    lg:{lg}:room:<room>:top          zset  user -> coins this stream  (as the room hash)
     lg:{lg}:creator:<user>:live      string room id of the creator's live stream
     lg:{lg}:ledger                   stream  immutable ledger entries
     lg:{lg}:acct:<user>              zset  score=n member=entry id  one account's entries
@@ -26,9 +28,13 @@ later move to sharded pub/sub per room without renaming anything.
     lg:{lg}:paycap:<user>:<yyyymmdd> string net cents paid out that day
     lg:{room}:ch                     channel room events (JSON, one event per message)
     lg:{room}:presence               hash  process id -> member count (viewers)
+    lg:{u:<user>}:overlay            string sha256 hex of the user's overlay key
+    lg:{u:<user>}:ch                 channel the creator's feed: stream_started, overlay_key
 """
 
 from __future__ import annotations
+
+import re
 
 PREFIX = "lg"
 TAG = "{lg}"
@@ -57,6 +63,17 @@ def rate(user: str) -> str:
 
 def spend(user: str, day: str) -> str:
     return f"{BASE}:spend:{user}:{day}"
+
+
+# A user id (PROTOCOL §1) or a room id, as the HTTP routes and the WebSocket join accept
+# them (start_stream makes 11 of [A-Za-z0-9]). No ':', so no id names another key
+# ("<room>:hist" is no room). Use with fullmatch.
+ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+ROOM_ID = ID
+
+
+def is_room(room_id: str) -> bool:
+    return ROOM_ID.fullmatch(room_id) is not None
 
 
 def room(room_id: str) -> str:
@@ -112,6 +129,14 @@ def channel(room_id: str) -> str:
 
 def presence(room_id: str) -> str:
     return f"{PREFIX}:{{{room_id}}}:presence"
+
+
+def overlay_key(user: str) -> str:
+    return f"{PREFIX}:{{u:{user}}}:overlay"
+
+
+def creator_channel(user: str) -> str:
+    return f"{PREFIX}:{{u:{user}}}:ch"
 
 
 ENTRY_SEQ = f"{BASE}:ledger:n"

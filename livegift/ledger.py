@@ -27,6 +27,8 @@ from livegift.scripts import Scripts, store_errors
 from livegift.streams import room_creator
 
 PAYOUT_IDEMPOTENCY_SECONDS = 2 * DAY_SECONDS
+# The counterparty of a purchase made with a sandbox receipt (a store's is "store").
+SANDBOX = "sandbox"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,29 @@ def gift_call(
     return keys_, args
 
 
+def recharge_call(receipt: Receipt) -> tuple[list[str], list[Any]]:
+    """The KEYS and ARGV of one recharge.lua call (see the script's header)."""
+    keys_ = [
+        keys.wallet(receipt.sub),
+        keys.txn(receipt.txn),
+        keys.MINTED,
+        keys.LEDGER,
+        keys.account(receipt.sub),
+        keys.ENTRY_SEQ,
+    ]
+    args: list[Any] = [
+        receipt.sub,
+        receipt.txn,
+        receipt.coins,
+        receipt.amount,
+        receipt.currency,
+        receipt.package,
+        receipt.region,
+        SANDBOX if receipt.sandbox else "store",
+    ]
+    return keys_, args
+
+
 class Ledger:
     """Money operations on one client; ``scripts`` may be shared with :class:`Streams`."""
 
@@ -114,26 +139,7 @@ class Ledger:
 
     async def recharge(self, receipt: Receipt) -> Recharge:
         """Credit a verified receipt's coins, once per store txn."""
-        result = await self.scripts.call(
-            "recharge",
-            [
-                keys.wallet(receipt.sub),
-                keys.txn(receipt.txn),
-                keys.MINTED,
-                keys.LEDGER,
-                keys.account(receipt.sub),
-                keys.ENTRY_SEQ,
-            ],
-            [
-                receipt.sub,
-                receipt.txn,
-                receipt.coins,
-                receipt.amount,
-                receipt.currency,
-                receipt.package,
-                receipt.region,
-            ],
-        )
+        result = await self.scripts.call("recharge", *recharge_call(receipt))
         txn, coins, diamonds, replayed = result
         return Recharge(orjson.loads(txn), int(coins), int(diamonds), bool(replayed))
 
@@ -172,6 +178,8 @@ class Ledger:
         ``asset`` (coins or diamonds), ``amount`` (signed), ``balance`` (the account's
         balance in that asset right after the entry), ``counterparty``,
         ``reference`` (the store txn, gift req or payout id) and ``room`` (gifts only).
+        A purchase made with a sandbox receipt has counterparty ``sandbox`` and carries
+        ``"sandbox": true``.
         The cursor is the id of the last entry returned; None when there is no more.
         """
         top = f"({cursor}" if cursor is not None else "+inf"
@@ -275,6 +283,12 @@ async def _entries(redis: Redis, sids: list[bytes]) -> list[dict[str, Any]]:
                 "counterparty": f["counterparty"],
                 "reference": f["ref"],
                 "room": f["room"] or None,
+                **({"sandbox": True} if _is_sandbox_purchase(f) else {}),
             }
         )
     return out
+
+
+def _is_sandbox_purchase(f: dict[str, str]) -> bool:
+    """A purchase paid with a sandbox receipt (a user may be called "sandbox" too)."""
+    return f["kind"] == "purchase" and f["counterparty"] == SANDBOX

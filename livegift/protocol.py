@@ -19,7 +19,7 @@ from livegift.errors import BadRequest, error_body
 from livegift.rfc6455 import MAX_MESSAGE, OP_BINARY, OP_TEXT, frame
 
 MAX_FRAME: Final = MAX_MESSAGE  # PROTOCOL §4: a client frame over 4 KiB is closed 1009
-REQ = re.compile(r"^[\x21-\x7e]{1,64}$")
+REQ = re.compile(r"[\x21-\x7e]{1,64}")  # use with fullmatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,14 +119,22 @@ class ShoutoutOp:
     text: str
 
 
-Op = GiftOp | ShoutoutOp
+@dataclass(frozen=True, slots=True)
+class RefreshOp:
+    """PROTOCOL §8: swap in a new token of the same user before the socket's one expires."""
+
+    req: str
+    token: str
+
+
+Op = GiftOp | ShoutoutOp | RefreshOp
 
 
 def read_req(message: Any) -> str | None:
     """The message's req when it is a valid one, so a bad_request ack can carry it."""
     if isinstance(message, dict):
         req = message.get("req")
-        if isinstance(req, str) and REQ.match(req):
+        if isinstance(req, str) and REQ.fullmatch(req):
             return req
     return None
 
@@ -143,17 +151,25 @@ def _gift(req: str, message: dict[str, Any]) -> GiftOp:
 
 def _shoutout(req: str, message: dict[str, Any]) -> ShoutoutOp:
     to, text = message.get("to"), message.get("text")
-    if not isinstance(to, str) or not USER_ID.match(to):
+    if not isinstance(to, str) or not USER_ID.fullmatch(to):
         raise BadRequest("to must be a user id")
     if not isinstance(text, str) or not 1 <= len(text) <= 200:
         raise BadRequest("text must be 1-200 characters")
     return ShoutoutOp(req, to, text)
 
 
+def _refresh(req: str, message: dict[str, Any]) -> RefreshOp:
+    token = message.get("token")
+    if not isinstance(token, str) or not 1 <= len(token) <= MAX_FRAME:
+        raise BadRequest("token must be a token string")
+    return RefreshOp(req, token)
+
+
 # Every client op by name, with the function that validates its fields.
 OPS: Final[dict[str, Callable[[str, dict[str, Any]], Op]]] = {
     "gift": _gift,
     "shoutout": _shoutout,
+    "refresh": _refresh,
 }
 
 
@@ -162,7 +178,7 @@ def parse_op(message: Any) -> Op:
     if not isinstance(message, dict):
         raise BadRequest("an op must be an object")
     req = message.get("req")
-    if not isinstance(req, str) or not REQ.match(req):
+    if not isinstance(req, str) or not REQ.fullmatch(req):
         raise BadRequest("req must be 1-64 printable ASCII characters")
     parse = OPS.get(message.get("op"))  # type: ignore[arg-type]
     if parse is None:

@@ -11,6 +11,8 @@ Checks, against the live data store (it may be taking gifts while this runs):
      -gross from its owner, and a reversal entry for +gross if and only if it failed;
   5. coins minted by purchases = Σ coins + Σ diamonds + Σ diamonds held by payouts that
      have not failed.
+Purchases made with sandbox receipts (development mode) count as minted like any other,
+and are reported apart (``sandbox_minted``): no store was paid for those coins.
 
 Consistent cuts, not a stop-the-world lock. Every script that moves money bumps the
 ledger entry counter in the same atomic call, so reading some keys together with that
@@ -61,6 +63,9 @@ class Report:
     coins: int = 0
     diamonds: int = 0
     held: int = 0
+    # Coins minted by sandbox receipts (development mode), and how many such purchases.
+    sandbox_minted: int = 0
+    sandbox_purchases: int = 0
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -76,6 +81,11 @@ class Report:
             f"minted {self.minted:,} = coins {self.coins:,} + diamonds {self.diamonds:,} "
             f"+ held by payouts {self.held:,}  ({'holds' if holds else 'FAILS'})",
         ]
+        if self.sandbox_purchases:
+            lines.append(
+                f"sandbox: {self.sandbox_minted:,} minted coins come from "
+                f"{self.sandbox_purchases:,} sandbox receipt(s) (development mode, unpaid)"
+            )
         if self.ok:
             lines.append("OK: every balance matches its ledger and the invariant holds")
         else:
@@ -150,6 +160,9 @@ class _Replay:
                 self.problem(f"ledger entry {n}: gift credit without its debit")
         elif kind == b"purchase":
             self.minted += amount
+            if f.get(b"counterparty") == b"sandbox":
+                self.report.sandbox_minted += amount
+                self.report.sandbox_purchases += 1
         elif kind in PAYOUT_KINDS:
             self.held -= amount
             ref = f.get(b"ref", b"").decode()

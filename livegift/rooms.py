@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from livegift import disconnect
 from livegift.disconnect import Close
+from livegift.metrics import SLOW_CLOSES
 from livegift.protocol import Codec, Wire, encode_payload
 from livegift.sequencer import Sequencer
 
@@ -29,12 +30,16 @@ Writer = Callable[[Any], None]
 
 
 class Member:
-    __slots__ = ("backlog", "caught", "head", "sink", "user")
+    __slots__ = ("backlog", "backlogged", "caught", "counted", "head", "sink", "user")
 
-    def __init__(self, user: str, sink: Sink) -> None:
+    def __init__(self, user: str, sink: Sink, counted: bool = True) -> None:
         self.user = user
         self.sink = sink
+        # False for a creator's overlay (livegift.follow): it gets every event but is not
+        # a viewer, so count() leaves it out.
+        self.counted = counted
         self.backlog: list[bytes] | None = None
+        self.backlogged = 0  # bytes in the backlog
         # The seq in this member's welcome: it gets every durable event after it.
         self.head = 0
         # Resuming: replay written, waiting for this process to reach its head.
@@ -43,6 +48,7 @@ class Member:
 
 class Room:
     __slots__ = (
+        "backlog_limit",
         "catching",
         "ended",
         "first_pending",
@@ -54,12 +60,17 @@ class Room:
         "pending",
         "ready",
         "seq",
+        "uncounted",
         "window",
         "writers",
     )
 
-    def __init__(self, room_id: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, room_id: str, loop: asyncio.AbstractEventLoop, backlog_limit: int = 1 << 20
+    ) -> None:
         self.id = room_id
+        # A resuming member whose backlog passes this many bytes is too slow (4008).
+        self.backlog_limit = backlog_limit
         self.seq: Sequencer[Item] = Sequencer()
         # Set once subscribed and the room's head is known; joiners wait for it.
         self.ready: asyncio.Future[None] = loop.create_future()
@@ -70,6 +81,8 @@ class Room:
         # Members who joined while events were pending, with how many were pending then:
         # those are already counted in their welcome's seq.
         self.joiners: list[tuple[Member, int]] = []
+        # Members not counted as viewers (overlays), from attach until remove: a few.
+        self.uncounted: set[Member] = set()
         # The next batch, as (seq, bytes); seq is 0 for this process's own events.
         self.pending: list[tuple[int, bytes]] = []
         self.first_pending = 0.0
@@ -79,9 +92,25 @@ class Room:
         self.joining = 0
         self.linger: asyncio.TimerHandle | None = None
 
-    def count(self) -> int:
+    def size(self) -> int:
+        """Members here: live, catching up and joining (a room with none can go)."""
         live = sum(len(writers) for writers in self.writers.values())
         return live + len(self.catching) + len(self.joiners)
+
+    def count(self) -> int:
+        """Viewers here: the members, overlays left out."""
+        total = self.size()
+        if self.uncounted:
+            total -= sum(1 for member in self.uncounted if self._present(member))
+        return total
+
+    def _present(self, member: Member) -> bool:
+        writers = self.writers.get(member.sink.wire)
+        return (
+            (writers is not None and member in writers)
+            or member in self.catching
+            or any(m is member for m, _ in self.joiners)
+        )
 
     def members(self) -> list[Member]:
         live = [member for writers in self.writers.values() for member in writers]
@@ -92,6 +121,8 @@ class Room:
     def attach(self, member: Member) -> None:
         """Make a member live. Pending events up to its head are already accounted for
         (its welcome or its replay), so it joins the next batch after them."""
+        if not member.counted:
+            self.uncounted.add(member)
         skip = 0
         for i, (seq, _) in enumerate(self.pending):
             if seq and seq <= member.head:
@@ -105,7 +136,7 @@ class Room:
         """Write what a resuming member gathered while replaying, then make it live."""
         sink = member.sink
         backlog, member.backlog = member.backlog, None
-        member.caught = False
+        member.caught, member.backlogged = False, 0
         self.catching.discard(member)
         if backlog:
             sink.write(sink.wire.events(backlog))
@@ -122,6 +153,7 @@ class Room:
 
     def remove(self, member: Member) -> None:
         self.detach(member)
+        self.uncounted.discard(member)
         self.catching.discard(member)
         self.joiners = [(m, i) for m, i in self.joiners if m is not member]
 
@@ -173,12 +205,23 @@ class Room:
             self._go_live(member)
 
     def _feed_catching(self, batch: list[tuple[int, bytes]]) -> None:
-        """Resuming members keep what is after their head; those caught up go live."""
+        """Resuming members keep what is after their head; those caught up go live, and
+        those whose backlog passed its bound (a replay they do not read) are too slow."""
         ready: list[Member] = []
+        slow: list[Member] = []
         for member in self.catching:
             if member.backlog is not None:
-                member.backlog.extend(data for seq, data in batch if seq > member.head)
-                if member.caught and self.seq.last >= member.head:
+                kept = [data for seq, data in batch if seq > member.head]
+                member.backlog.extend(kept)
+                member.backlogged += sum(map(len, kept))
+                if member.backlogged > self.backlog_limit:
+                    slow.append(member)
+                elif member.caught and self.seq.last >= member.head:
                     ready.append(member)
         for member in ready:
             self.catch_up(member)
+        for member in slow:
+            member.backlog = None
+            self.catching.discard(member)
+            SLOW_CLOSES.inc()
+            member.sink.close(disconnect.TOO_SLOW)

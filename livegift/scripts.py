@@ -43,6 +43,10 @@ def script_names() -> list[str]:
 
 def _store_error(exc: redis_errors.RedisError) -> LiveGiftError:
     """A script's error reply or a connection failure, as an exception of the tree."""
+    if isinstance(exc, redis_errors.OutOfMemoryError):
+        # At maxmemory (noeviction) Redis refuses writes; a script fails at its first
+        # write, having changed nothing. Reads still work (redis.conf, docs/money.md).
+        return Unavailable("the data store is full: writes are refused until memory is freed")
     if isinstance(exc, redis_errors.ResponseError):
         text = str(exc)
         code, _, message = text.partition(" ")

@@ -11,7 +11,7 @@ import shutil
 import sys
 from typing import TYPE_CHECKING, Any
 
-from livegift.config import Settings
+from livegift.config import DEV_PAYMENT_SECRET, DEV_SECRET, Settings, public_host_problems
 from livegift.config import quiet_settings as _settings
 from livegift.protocol import MAX_FRAME
 
@@ -43,13 +43,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from livegift.embedded import EmbeddedError, EmbeddedRedis
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    settings = _settings()
-    if not os.environ.get("LIVEGIFT_SECRET") or not os.environ.get("LIVEGIFT_PAYMENT_SECRET"):
-        print(
-            "livegift: LIVEGIFT_SECRET / LIVEGIFT_PAYMENT_SECRET are unset, so development "
-            "secrets sign tokens and receipts. Set both for anything but local testing.",
-            file=sys.stderr,
-        )
+    checked = _exposure_checked(_settings(), args)
+    if checked is None:
+        return 2
+    settings = checked
     embedded: EmbeddedRedis | None = None
     if not settings.redis_url:
         embedded = EmbeddedRedis(settings.data_dir)
@@ -79,11 +76,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exposure_checked(settings: Settings, args: argparse.Namespace) -> Settings | None:
+    """The settings (``--demo`` turns development mode on), or None when ``serve`` must
+    refuse to start: off the loopback interface, without both secrets or in development
+    mode (PROTOCOL §8), before anything is started."""
+    if args.demo:
+        os.environ["LIVEGIFT_DEV"] = "1"  # uvicorn's worker processes read the environment
+        settings = settings.with_(dev_mode=True)
+    problems = public_host_problems(settings, args.host)
+    if problems:
+        print(
+            f"livegift: refusing to serve on {args.host!r}, which other machines can reach:\n"
+            + "\n".join(f"  - {problem}" for problem in problems),
+            file=sys.stderr,
+        )
+        return None
+    if settings.secret == DEV_SECRET or settings.payment_secret == DEV_PAYMENT_SECRET:
+        print(
+            "livegift: LIVEGIFT_SECRET / LIVEGIFT_PAYMENT_SECRET are unset, so development "
+            "secrets sign tokens and receipts. Set both for anything but local testing.",
+            file=sys.stderr,
+        )
+    return settings
+
+
 def _start_embedded(settings: Settings, embedded: EmbeddedRedis) -> Settings:
     """Start (or reuse) the embedded data store; the settings and environment point at it."""
+    from livegift.embedded import PASSWORD_FILE
+
     url = embedded.start()
     how = f"started {embedded.binary}" if embedded.owned else "reusing the server"
-    print(f"livegift: data store {url} ({how}, data in {settings.data_dir.resolve()})")
+    where = f"{embedded.public_url}, password in {settings.data_dir / PASSWORD_FILE}"
+    print(f"livegift: data store {where} ({how}, data in {settings.data_dir.resolve()})")
     os.environ["REDIS_URL"] = url
     return settings.with_(redis_url=url)
 
@@ -97,7 +121,7 @@ def _uvicorn_options(settings: Settings, args: argparse.Namespace) -> dict[str, 
         "ws_per_message_deflate": False,
         "ws_ping_interval": settings.ping_interval,
         "ws_ping_timeout": settings.ping_interval,
-        "http": "httptools",
+        "http": "livegift.api.guard:GuardedHttp",  # httptools with a bounded head
         "loop": "uvloop",
         "lifespan": "on",
         "access_log": args.access_log,
@@ -188,27 +212,18 @@ async def _serve_one(settings: Settings, args: argparse.Namespace, common: dict[
 
 
 def cmd_redis(args: argparse.Namespace) -> int:
-    """Run livegift's Redis-compatible server in the foreground (the Procfile's redis)."""
-    from livegift.embedded import EmbeddedError, config_file, find_server_binary
+    """Run livegift's Redis-compatible server in the foreground (the Procfile's redis).
+
+    The same server, config, password and private folder as ``serve`` would use; ``serve``
+    and the other commands find it through ``LIVEGIFT_DATA_DIR``."""
+    from livegift.embedded import EmbeddedError, EmbeddedRedis
 
     settings = _settings()
+    embedded = EmbeddedRedis(settings.data_dir)
+    folder = settings.data_dir.resolve()
+    print(f"livegift redis: 127.0.0.1:{args.port}, data in {folder}", flush=True)
     try:
-        binary = find_server_binary()
+        embedded.exec_foreground(args.port)
     except EmbeddedError as exc:
         print(f"livegift redis: {exc}", file=sys.stderr)
-        return 2
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    conf = config_file()
-    argv = [binary, *([str(conf)] if conf else ["--appendonly", "yes", "--appendfsync", "always"])]
-    argv += [
-        "--port",
-        str(args.port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        str(settings.data_dir.resolve()),
-    ]
-    print(f"livegift redis: {binary} on 127.0.0.1:{args.port}, data in {settings.data_dir.resolve()}",
-          flush=True)  # fmt: skip
-    os.execv(binary, argv)
-    return 0  # pragma: no cover - execv does not return
+    return 2

@@ -11,9 +11,12 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
+from livegift.admission import Admission
 from livegift.broker import Broker
 from livegift.catalog import Catalog, default_catalog
 from livegift.config import Settings
+from livegift.expiry import Deadlines
+from livegift.follow import Following
 from livegift.hub import Hub
 from livegift.ledger import Ledger
 from livegift.liveliness import Liveliness
@@ -21,6 +24,9 @@ from livegift.scripts import Scripts
 from livegift.streams import Streams
 
 log = logging.getLogger("livegift")
+
+# Seconds between two looks at the token deadlines of open sockets (livegift.expiry).
+EXPIRY_TICK = 1.0
 
 
 def connect(url: str, max_connections: int) -> Redis:
@@ -43,6 +49,17 @@ class Services:
     # Connections served by livegift.api.fastws (pinged by one timer per process).
     sockets: set[Any] = field(default_factory=set)
     keepalive_task: asyncio.Task[None] | None = None
+    # Open connections per user here, and their gift-attempt buckets.
+    admission: Admission = field(init=False)
+    # When the token of each open socket expires (either driver), swept by _keepalive.
+    deadlines: Deadlines = field(default_factory=Deadlines)
+    # The creators whose overlays (/ws/creator/{user}) are open here.
+    following: Following = field(init=False)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.admission = Admission(s.max_connections_per_user, s.gift_rate, s.gift_burst)
+        self.following = Following(self.hub.broker)
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -63,6 +80,7 @@ class Services:
             lambda on_message, on_reconnect: Broker(pubsub_redis, on_message, on_reconnect),
             batch_ms=settings.batch_ms,
             max_batch_ms=settings.max_batch_ms,
+            send_limit=settings.send_buffer_limit,
         )
         liveliness = Liveliness(hub, redis, streams.top)
         services = cls(settings, catalog, redis, ledger, streams, hub, liveliness)
@@ -72,11 +90,21 @@ class Services:
         return services
 
     async def _keepalive(self) -> None:
-        """Ping idle sockets of livegift.api.fastws (uvicorn pings its own)."""
+        """Every EXPIRY_TICK, close the sockets whose token expired (both drivers); every
+        ping_interval/2, ping idle sockets of livegift.api.fastws (uvicorn pings its own)."""
         interval = self.settings.ping_interval
+        next_ping = time.monotonic() + interval / 2
         while True:
-            await asyncio.sleep(interval / 2)
+            await asyncio.sleep(EXPIRY_TICK)
+            for connection in self.deadlines.due(time.time()):
+                try:
+                    connection.expire()
+                except Exception:
+                    log.exception("closing a socket whose token expired failed")
             now = time.monotonic()
+            if now < next_ping:
+                continue
+            next_ping = now + interval / 2
             for sock in list(self.sockets):
                 sock.keepalive(now, interval)
 

@@ -11,10 +11,20 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from livegift.auth import User
-from livegift.errors import BadRequest, Forbidden, LiveGiftError
+from livegift.admission import Bucket
+from livegift.auth import User, verify_session
+from livegift.errors import BadRequest, Forbidden, LiveGiftError, RateLimited, Unauthorized
 from livegift.metrics import BAD_FRAMES, GIFTS
-from livegift.protocol import Codec, GiftOp, ShoutoutOp, ack_error, ack_ok, parse_op, read_req
+from livegift.protocol import (
+    Codec,
+    GiftOp,
+    RefreshOp,
+    ShoutoutOp,
+    ack_error,
+    ack_ok,
+    parse_op,
+    read_req,
+)
 
 if TYPE_CHECKING:
     from livegift.services import Services
@@ -23,12 +33,34 @@ log = logging.getLogger("livegift.session")
 
 
 class Session:
-    __slots__ = ("bad_frames", "codec", "creator", "room", "services", "user")
+    __slots__ = (
+        "attempts",
+        "bad_frames",
+        "codec",
+        "creator",
+        "expires",
+        "room",
+        "services",
+        "user",
+    )
 
     def __init__(
-        self, user: User, room: str, codec: Codec, services: Services, creator: str | None = None
+        self,
+        user: User,
+        room: str,
+        codec: Codec,
+        services: Services,
+        creator: str | None = None,
+        expires: int = 0,
+        attempts: Bucket | None = None,
     ) -> None:
         self.user = user
+        # Gift attempts, limited here before any reaches Redis (shared by the user's
+        # sockets in this process: livegift.admission).
+        s = services.settings
+        self.attempts = attempts or Bucket(s.gift_rate, s.gift_burst)
+        # The token's exp (epoch seconds; 0: none): a refresh op moves it.
+        self.expires = expires
         self.room = room
         self.creator = creator
         self.codec = codec
@@ -64,6 +96,8 @@ class Session:
     async def _gift(self, op: GiftOp) -> dict[str, Any]:
         try:
             gift = self.services.catalog.gift(op.gift)
+            if not self.attempts.take():  # every attempt that would reach the script
+                raise RateLimited()
             outcome = await self.services.ledger.gift(
                 self.user,
                 self.room,
@@ -86,9 +120,21 @@ class Session:
         seq = await self.services.streams.shoutout(self.user, self.room, op.to, op.text)
         return ack_ok(op.req, seq=seq)
 
+    async def _refresh(self, op: RefreshOp) -> dict[str, Any]:
+        """A new token of the same user: its claims (name, birthdate) from now on, and its
+        exp. Anything else is ``unauthorized`` and the session keeps its token."""
+        user, expires = verify_session(self.services.settings.secret, op.token)
+        if user.id != self.user.id:
+            raise Unauthorized("the new token is for another user")
+        if user.name != self.user.name:
+            await self.services.streams.remember_name(user)
+        self.user, self.expires = user, expires
+        return ack_ok(op.req, exp=expires)
+
 
 # Every op of protocol.OPS, by its type, with the method that runs it.
 HANDLERS: dict[type[Any], Callable[[Session, Any], Awaitable[dict[str, Any]]]] = {
     GiftOp: Session._gift,
     ShoutoutOp: Session._shoutout,
+    RefreshOp: Session._refresh,
 }

@@ -3,20 +3,45 @@
 Changes to a room that members see (``stream_ended``, shout-outs) are one Lua call each
 (``lua/stream_*.lua``, ``lua/shoutout.lua``), which bumps the room's seq, keeps the event
 in the room's history and publishes it. No money moves here: see :mod:`livegift.ledger`.
+
+A creator has at most one live stream: going live ends the other one. An ended room's
+keys expire (history after ``history_seconds``, the room and its top gifters after
+``ended_room_ttl``), so Redis does not grow with every stream ever held.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import OutOfMemoryError
 
 from livegift import keys
 from livegift.auth import User
 from livegift.config import Settings
-from livegift.errors import NotFound
+from livegift.errors import NotFound, Unavailable
 from livegift.scripts import Scripts, store_errors
+
+# Tries at going live while the creator's live stream keeps changing under the call. A
+# try fails only when another go-live of the same creator succeeded since its read, so
+# this many concurrent go-lives of one creator all succeed (the last one stays live).
+START_ATTEMPTS = 16
+
+
+def stream_start_call(
+    s: Settings, creator: User, title: str, room: str, live: str
+) -> tuple[list[str], list[Any]]:
+    """The KEYS and ARGV of one stream_start.lua call; ``live`` is the creator's live room
+    as just read ("" for none), which the script ends (see the script's header)."""
+    other = live or room
+    keys_ = [keys.room(room), keys.creator_live(creator.id), keys.history(room), keys.top(room),
+             keys.room(other), keys.history(other), keys.top(other)]  # fmt: skip
+    args: list[Any] = [room, creator.id, creator.name, title, keys.creator_channel(creator.id),
+                       live, keys.channel(other), s.history_len, s.history_seconds * 1000,
+                       s.ended_room_ttl]  # fmt: skip
+    return keys_, args
 
 
 async def room_creator(redis: Any, room: str) -> str | None:
@@ -39,26 +64,41 @@ class Streams:
         return await self.start_stream_as(creator, title, room)
 
     async def start_stream_as(self, creator: User, title: str, room: str) -> tuple[str, bool]:
-        """Go live in ``room``, re-opening it if it is the creator's already."""
-        result = await self.scripts.call(
-            "stream_start",
-            [keys.room(room), keys.creator_live(creator.id)],
-            [room, creator.id, creator.name, title],
-        )
-        room_id, created = result
-        return room_id.decode() if isinstance(room_id, bytes) else str(room_id), bool(created)
+        """Go live in ``room``, re-opening it if it is the creator's already.
+
+        One live stream per creator: the creator's other live stream ends (its members get
+        ``stream_ended``) in the same script. The script needs that room's keys, so the
+        creator's live-room pointer is read first; if it changed before the script ran,
+        the script changes nothing and this reads it again."""
+        for _ in range(START_ATTEMPTS):
+            with store_errors():
+                raw = await self.redis.get(keys.creator_live(creator.id))
+            live = raw.decode() if raw else ""
+            keys_, args = stream_start_call(self.settings, creator, title, room, live)
+            room_id, created, _ended = await self.scripts.call("stream_start", keys_, args)
+            if int(created) >= 0:
+                rid = room_id.decode() if isinstance(room_id, bytes) else str(room_id)
+                return rid, bool(created)
+        raise Unavailable("the creator's live stream kept changing, try again")
 
     async def end_stream(self, caller: User, room: str) -> int:
-        """End the stream: the stream_ended seq, or 0 when it had already ended."""
+        """End the stream: the stream_ended seq, or 0 when it had already ended. The room's
+        keys then expire (docs/protocol.md, "Ended streams")."""
         creator = await self.room_creator(room)
         seq = await self.scripts.call(
             "stream_end",
-            [keys.room(room), keys.creator_live(creator or caller.id), keys.history(room)],
+            [
+                keys.room(room),
+                keys.creator_live(creator or caller.id),
+                keys.history(room),
+                keys.top(room),
+            ],
             [
                 caller.id,
                 keys.channel(room),
                 self.settings.history_len,
                 self.settings.history_seconds * 1000,
+                self.settings.ended_room_ttl,
             ],
         )
         return int(seq)
@@ -101,7 +141,20 @@ class Streams:
             for uid, nm, (_, score) in zip(ids, names, rows, strict=True)
         ]
 
-    async def remember_name(self, user: User) -> None:
-        """Keep the user's display name for leaderboards and shout-outs."""
+    async def live_room(self, creator: str) -> tuple[str, dict[str, str]] | None:
+        """The creator's live stream now: (room id, the room's hash), or None."""
         with store_errors():
+            room = await self.redis.get(keys.creator_live(creator))
+        if room is None:
+            return None
+        try:
+            info = await self.room(room.decode())
+        except NotFound:
+            return None
+        return (room.decode(), info) if info.get("live") == "1" else None
+
+    async def remember_name(self, user: User) -> None:
+        """Keep the user's display name for leaderboards and shout-outs. Best effort when
+        the data store is full: joining a room to watch only reads."""
+        with store_errors(), contextlib.suppress(OutOfMemoryError):
             await self.redis.set(keys.name(user.id), user.name)

@@ -37,14 +37,15 @@ from typing import Any
 import redis
 
 from livegift import embedded, keys
-from livegift.auth import User
+from livegift.auth import Receipt, User
 from livegift.catalog import default_catalog
 from livegift.config import Settings
 from livegift.embedded import EmbeddedRedis
-from livegift.ledger import gift_call
+from livegift.ledger import gift_call, recharge_call
 from livegift.pipeline import pack_evalsha
 from livegift.reconcile import reconcile
 from livegift.scripts import script_source
+from livegift.streams import stream_start_call
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PIPELINE = 1000
@@ -74,16 +75,10 @@ class Filler:
     def start_rooms(self) -> None:
         pipe = self.client.pipeline(transaction=False)
         for room, creator in zip(self.rooms, self.creators, strict=True):
-            pipe.evalsha(
-                self.sha["stream_start"],
-                2,
-                keys.room(room),
-                keys.creator_live(creator),
-                room,
-                creator,
-                creator,
-                "bench",
+            keys_, args = stream_start_call(
+                self.settings, User(creator, creator), "bench", room, live=""
             )
+            pipe.evalsha(self.sha["stream_start"], len(keys_), *keys_, *args)
         pipe.execute()
 
     def send(self, commands: list[bytes]) -> None:
@@ -111,20 +106,10 @@ class Filler:
             batch = []
             for user in self.viewers[start : start + PIPELINE]:
                 txn = f"bench-{user}-{package}"
-                batch.append(
-                    pack_evalsha(
-                        self.sha["recharge"],
-                        [
-                            keys.wallet(user),
-                            keys.txn(txn),
-                            keys.MINTED,
-                            keys.LEDGER,
-                            keys.account(user),
-                            keys.ENTRY_SEQ,
-                        ],
-                        [user, txn, pkg.coins, pkg.price, price_list.currency, pkg.id, "US"],
-                    )
+                receipt = Receipt(
+                    txn, user, pkg.id, "US", pkg.price, price_list.currency, pkg.coins
                 )
+                batch.append(pack_evalsha(self.sha["recharge"], *recharge_call(receipt)))
             self.send(batch)
         return len(self.viewers)
 

@@ -77,6 +77,9 @@ class LiveServer:
             LIVEGIFT_PAYMENT_SECRET=PAYMENT_SECRET,
             LIVEGIFT_GIFT_RATE="1000",
             LIVEGIFT_GIFT_BURST="1000",
+            # Tests share a few users across many sockets; test_security_transport.py
+            # checks the production cap (16) on servers of its own.
+            LIVEGIFT_MAX_CONNECTIONS_PER_USER="1000",
         )
         env.update(self.extra_env)
         return env
@@ -129,8 +132,9 @@ class LiveServer:
     def receipt(
         self, user: str, package: str = "p1321", region: str = "US", txn: str | None = None
     ) -> str:
+        # Signed as a store signs it: the test servers run in production mode.
         return auth.mint_receipt(
-            PAYMENT_SECRET, default_catalog(), user, package, region=region, txn=txn
+            PAYMENT_SECRET, default_catalog(), user, package, region=region, txn=txn, sandbox=False
         )
 
     def headers(self, token: str | None) -> dict[str, str]:

@@ -45,6 +45,7 @@ def test_token_and_receipt_commands() -> None:
         "region": "JP",
         "amount": 160,
         "currency": "JPY",
+        "env": "sandbox",
     }
     bad = run("receipt", "alice", "p999")
     assert bad.returncode == 2 and "p999" in bad.stderr

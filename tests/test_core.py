@@ -79,7 +79,9 @@ def test_receipt_checks() -> None:
     ok = auth.verify_receipt(
         "pay-0123456789abcdef0123456789abcd",
         catalog,
-        auth.mint_receipt("pay-0123456789abcdef0123456789abcd", catalog, "bob", "p65"),
+        auth.mint_receipt(
+            "pay-0123456789abcdef0123456789abcd", catalog, "bob", "p65", sandbox=False
+        ),
         user,
     )
     assert ok.coins == 65 and ok.amount == 99 and ok.currency == "USD"
@@ -173,6 +175,8 @@ def test_every_protocol_code_has_an_exception() -> None:
         "payout_limit",
         "unavailable",
         "internal",
+        "too_many_connections",  # v2 (PROTOCOL §6)
+        "token_expired",  # v2 (PROTOCOL §6)
     ]
     assert set(codes) == set(BY_CODE)
     assert from_code("self_gift").status == 400

@@ -36,13 +36,19 @@ SETTINGS = Settings(
     history_len=1,
     auto_shoutout_template='Thanks "{name}" </3> for {gift} \\ ü 😀',
 )
-EXERCISED = {"gift", "shoutout", "stream_end"}
+EXERCISED = {"gift", "shoutout", "stream_end", "stream_start"}
+# The prelude's functions that emit room events.
+EMITTING = ("emit(", "end_stream(")
 
 
 def emitters() -> set[str]:
     """The scripts whose own source emits room events."""
     lua = resources.files("livegift").joinpath("lua")
-    return {n for n in script_names() if "emit(" in lua.joinpath(f"{n}.lua").read_text("utf-8")}
+    return {
+        n
+        for n in script_names()
+        if any(call in lua.joinpath(f"{n}.lua").read_text("utf-8") for call in EMITTING)
+    }
 
 
 @pytest.fixture
@@ -53,8 +59,12 @@ async def client(redis_url: str) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-async def room_events(client: Redis) -> tuple[list[tuple[bytes, float]], list[bytes], str]:
-    """Run every emitting script once or more in one room: (history, published, room)."""
+async def room_events(
+    client: Redis, ender: str = "stream_end"
+) -> tuple[list[tuple[bytes, float]], list[bytes], str]:
+    """Run every emitting script once or more in one room: (history, published, room).
+    The stream ends by ``ender``: stream_end, or stream_start (the creator goes live
+    elsewhere)."""
     scripts = Scripts(client)
     ledger = Ledger(client, SETTINGS, default_catalog(), scripts)
     streams = Streams(client, SETTINGS, scripts)
@@ -64,14 +74,17 @@ async def room_events(client: Redis) -> tuple[list[tuple[bytes, float]], list[by
     await client.zadd(keys.history(room), {b'{"type":"gift","seq":0,"ts":1,"room":"x"}': 0})
     pubsub = client.pubsub()
     await pubsub.subscribe(keys.channel(room))
-    token = auth.mint_receipt(PAYMENT_SECRET, ledger.catalog, fan.id, "p6607")
+    token = auth.mint_receipt(PAYMENT_SECRET, ledger.catalog, fan.id, "p6607", sandbox=False)
     await ledger.recharge(auth.verify_receipt(PAYMENT_SECRET, ledger.catalog, token, fan))
     await streams.remember_name(fan)
     for req, gift, count in (("r1", "rose", 1), ("r2", "rose", 2), ("r3", "galaxy", 1)):
         await ledger.gift(fan, room, req, ledger.catalog.gift(gift), count, adult=True)
     await streams.shoutout(creator, room, fan.id, 'hi "there" </x> ü/😀')
     await streams.shoutout(creator, room, uid("nobody"), "")
-    await streams.end_stream(creator, room)
+    if ender == "stream_end":
+        await streams.end_stream(creator, room)
+    else:
+        await streams.start_stream(creator, "the next stream")
     history = await client.zrange(keys.history(room), 0, -1, withscores=True)
     published: list[bytes] = []
     deadline = time.monotonic() + unit(5)
@@ -83,9 +96,10 @@ async def room_events(client: Redis) -> tuple[list[tuple[bytes, float]], list[by
     return history, published, room
 
 
-async def test_every_script_event_has_the_shape_head_reads(client: Redis) -> None:
+@pytest.mark.parametrize("ender", ["stream_end", "stream_start"])
+async def test_every_script_event_has_the_shape_head_reads(client: Redis, ender: str) -> None:
     assert emitters() == EXERCISED, "a script emits events: exercise it in room_events()"
-    history, published, room = await room_events(client)
+    history, published, room = await room_events(client, ender)
     # All kept (history_len is 1): emit() read every event's ts and found it recent.
     assert [data for data, _ in history] == published
     now = int(time.time() * 1000)

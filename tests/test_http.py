@@ -133,12 +133,15 @@ def test_streams_create_get_end(live_server: LiveServer) -> None:
     assert live_server.delete(f"/api/streams/{room}", token).status_code == 200
     assert live_server.get(f"/api/streams/{room}").json()["live"] is False
     assert live_server.get("/api/streams/nope").status_code == 404
-    # Going live again gives a fresh room, whatever the creator's other streams do.
+    # Going live again gives a fresh room, whatever the creator's other streams do; one
+    # live stream per creator, so the third ends the second (its stream_ended is seq 1).
     again = live_server.post("/api/streams", {}, token=token)
     third = live_server.post("/api/streams", {}, token=token)
     assert again.status_code == third.status_code == 201
     assert len({room, again.json()["room"], third.json()["room"]}) == 3
-    assert live_server.get(f"/api/streams/{again.json()['room']}").json()["seq"] == 0
+    assert live_server.get(f"/api/streams/{third.json()['room']}").json()["seq"] == 0
+    second = live_server.get(f"/api/streams/{again.json()['room']}").json()
+    assert (second["live"], second["seq"]) == (False, 1)
     assert live_server.get("/api/nothing-here").json()["error"]["code"] == "not_found"
 
 

@@ -53,6 +53,9 @@ class RecordingSink:
         if not self.closed:
             self.got.append(data)
 
+    def buffered(self) -> int:
+        return 0  # everything written is taken at once
+
     def close(self, close: Close, reason: str = "") -> None:
         if not self.closed:
             self.closed = True

@@ -50,7 +50,7 @@ def streams(ledger: Ledger) -> Streams:
 
 
 async def buy(ledger: Ledger, user: User, package: str = "p6607") -> None:
-    token = auth.mint_receipt(PAYMENT_SECRET, ledger.catalog, user.id, package)
+    token = auth.mint_receipt(PAYMENT_SECRET, ledger.catalog, user.id, package, sandbox=False)
     await ledger.recharge(auth.verify_receipt(PAYMENT_SECRET, ledger.catalog, token, user))
 
 
@@ -110,7 +110,8 @@ async def test_payouts_math_limits_idempotency_and_settlement(
 
 def db_url_of(ledger: Ledger) -> str:
     kw = ledger.redis.connection_pool.connection_kwargs
-    return f"redis://{kw['host']}:{kw['port']}/{kw['db']}"
+    password = f":{kw['password']}@" if kw.get("password") else ""
+    return f"redis://{password}{kw['host']}:{kw['port']}/{kw['db']}"
 
 
 async def test_transactions_newest_first_with_cursor(ledger: Ledger, streams: Streams) -> None:

@@ -351,7 +351,9 @@ class MoneyMachine(RuleBasedStateMachine):
             self.fan_gift(sender, room, "galaxy", count)
 
     async def _recharge(self, user: str, txn: str, package: str, region: str) -> Outcome:
-        token = auth.mint_receipt(PAYMENT_SECRET, CATALOG, user, package, region=region, txn=txn)
+        token = auth.mint_receipt(
+            PAYMENT_SECRET, CATALOG, user, package, region=region, txn=txn, sandbox=False
+        )
         try:
             receipt = auth.verify_receipt(PAYMENT_SECRET, CATALOG, token, self.user(user))
             r = await self.ledger.recharge(receipt)

@@ -16,6 +16,14 @@ from tests.test_liveliness import (  # noqa: F401
     test_joining_mid_batch_gets_no_duplicates,
     test_resume_replays_history_then_live_without_gap_or_duplicate,
 )
+from tests.test_tokens_overlay import (  # noqa: F401
+    test_a_new_overlay_key_closes_old_overlays_on_every_process,
+    test_an_expired_token_closes_its_socket_4401_token_expired,
+    test_an_op_sent_after_exp_is_never_run,
+    test_overlay_key_follows_the_creator_across_streams,
+    test_overlay_keys_need_a_user_and_overlays_need_a_key,
+    test_refresh_keeps_the_socket_open_past_the_old_exp,
+)
 from tests.test_ws import (  # noqa: F401
     test_bad_tokens_are_refused_on_websocket,
     test_double_spend_exactly_ten_of_a_hundred_succeed,

@@ -17,6 +17,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from livegift import disconnect
+from livegift.api.guard import BodyLimit
 from livegift.api.http import JSONResponse, error_response, routes
 from livegift.api.ws import websocket_endpoint
 from livegift.config import Settings
@@ -28,11 +29,13 @@ log = logging.getLogger("livegift")
 WEB = Path(str(resources.files("livegift").joinpath("web")))
 PAGES = {"studio": "studio.html", "overlay": "overlay.html", "watch": "watch.html"}
 # The pages carry a token in their URL: keep it out of referrers, and run only our scripts.
+# connect-src 'self' covers ws: and wss: to the page's own host and port (CSP3), which is
+# all the pages connect to; no other host can receive what they send.
 PAGE_HEADERS = {
     "cache-control": "no-cache",
     "referrer-policy": "no-referrer",
     "content-security-policy": (
-        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+        "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
         "base-uri 'none'; form-action 'self'"
     ),
     "x-content-type-options": "nosniff",
@@ -81,6 +84,7 @@ class LiveGiftApp:
                 *routes,
                 Route("/", index),
                 *[Route(f"/{name}/{{room}}", _page(name)) for name in PAGES],
+                Route("/overlay/u/{user}", _page("overlay")),  # follows a creator by key
                 Mount("/static", StaticFiles(directory=WEB, check_dir=False), name="static"),
             ],
             exception_handlers={
@@ -90,6 +94,7 @@ class LiveGiftApp:
             },
             lifespan=self.lifespan,
         )
+        self.limited = BodyLimit(self.http, settings.max_body)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -108,7 +113,7 @@ class LiveGiftApp:
             else:
                 await send({"type": "websocket.close", "code": disconnect.NOT_FOUND.code})
             return
-        await self.http(scope, receive, send)
+        await self.limited(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> LiveGiftApp:

@@ -25,11 +25,12 @@ from typing import Any, cast
 import orjson
 
 from livegift import disconnect, rfc6455
-from livegift.api.handshake import check_join
+from livegift.api.handshake import check_follow, check_join, is_follow
 from livegift.connection import Connection
 from livegift.disconnect import Close
 from livegift.errors import LiveGiftError, Unavailable, error_body
-from livegift.protocol import JSON_FRAMES, Wire, wire_for
+from livegift.follow import Follow
+from livegift.protocol import JSON_FRAMES, Codec, Wire, wire_for
 from livegift.services import Services
 
 HANDSHAKE, OPEN, CLOSING, CLOSED = range(4)
@@ -65,7 +66,7 @@ class FastWebSocket(asyncio.Protocol):
         self.closed = False
         self.wire: Wire = JSON_FRAMES
         self.on_close: Any = None
-        self.connection: Connection | None = None
+        self.connection: Connection | Follow | None = None
         self.parser: rfc6455.FrameParser | None = None
         self._head: bytearray | None = bytearray()
         self.last_seen = time.monotonic()
@@ -143,18 +144,43 @@ class FastWebSocket(asyncio.Protocol):
         if services is None:
             self._http_error(503, Unavailable("server is starting").body())
             return
+        if is_follow(upgrade.path.decode("latin-1")):
+            self._accept_follow(services, upgrade)
+            return
         try:
             join = check_join(
+                services.settings, upgrade.path.decode("latin-1"), upgrade.query, upgrade.headers
+            )
+            slot = Connection.admit(services, join)  # 429 past the user's cap
+        except LiveGiftError as exc:
+            self._http_error(exc.status, exc.body())
+            return
+        self._upgrade(services, upgrade, join.codec, join.subprotocol)
+        self.connection = Connection(services, join, self, flow=self, slot=slot)
+        self.connection.start()
+
+    def _accept_follow(self, services: Services, upgrade: rfc6455.Upgrade) -> None:
+        """``/ws/creator/{user}?key=``: a creator's overlay (livegift.follow), uncapped."""
+        try:
+            follow = check_follow(
                 services.settings, upgrade.path.decode("latin-1"), upgrade.query, upgrade.headers
             )
         except LiveGiftError as exc:
             self._http_error(exc.status, exc.body())
             return
+        self._upgrade(services, upgrade, follow.codec, follow.subprotocol)
+        self.connection = Follow(services, follow, self, flow=self)
+        self.connection.start()
+
+    def _upgrade(
+        self, services: Services, upgrade: rfc6455.Upgrade, codec: Codec, subprotocol: str | None
+    ) -> None:
+        """Answer 101 Switching Protocols and get ready for frames."""
         transport = self.transport
         assert transport is not None
-        transport.write(rfc6455.accept_response(upgrade.key, join.subprotocol))
+        transport.write(rfc6455.accept_response(upgrade.key, subprotocol))
         self.state = OPEN
-        self.wire = wire_for(join.codec, framed=True)
+        self.wire = wire_for(codec, framed=True)
         self.parser = rfc6455.FrameParser()
         settings = services.settings
         sock = transport.get_extra_info("socket")
@@ -163,8 +189,6 @@ class FastWebSocket(asyncio.Protocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_sndbuf)
         transport.set_write_buffer_limits(high=settings.send_buffer_limit)
         services.sockets.add(self)
-        self.connection = Connection(services, join, self, flow=self)
-        self.connection.start()
 
     def _http_error(self, status: int, body: dict[str, Any]) -> None:
         content = orjson.dumps(body)
@@ -217,6 +241,9 @@ class FastWebSocket(asyncio.Protocol):
     def write(self, data: bytes | str) -> None:
         if not self.closed and self.transport is not None:
             self.transport.write(cast(bytes, data))
+
+    def buffered(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
 
     def _write_control(self, frame: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():

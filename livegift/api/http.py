@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from livegift import auth, payouts
+from livegift import auth, keys, overlays, payouts
 from livegift.auth import User
 from livegift.errors import (
     BadRequest,
@@ -19,6 +19,7 @@ from livegift.errors import (
     LiveGiftError,
     NotAdult,
     NotFound,
+    PayloadTooLarge,
     Unauthorized,
     Unavailable,
 )
@@ -50,12 +51,22 @@ def adult_user(request: Request, doing: str) -> User:
     return user
 
 
+def room_param(request: Request) -> str:
+    """The ``{room}`` of the path: a room id (keys.ROOM_ID), else no such stream."""
+    room: str = request.path_params["room"]
+    if not keys.is_room(room):
+        raise NotFound(f"no stream {room[:64]!r}")
+    return room
+
+
 async def json_body(request: Request) -> dict[str, Any]:
+    # The app's BodyLimit (livegift.api.guard) stops reading past the limit; this is the
+    # same check for a body that reached here some other way.
     raw = await request.body()
     if not raw:
         return {}
-    if len(raw) > 16384:
-        raise BadRequest("request body too large")
+    if len(raw) > services_of(request).settings.max_body:
+        raise PayloadTooLarge()
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -96,7 +107,11 @@ async def recharge(request: Request) -> Response:
     body = await json_body(request)
     try:
         receipt = auth.verify_receipt(
-            services.settings.payment_secret, services.catalog, body.get("receipt"), user
+            services.settings.payment_secret,
+            services.catalog,
+            body.get("receipt"),
+            user,
+            dev_mode=services.settings.dev_mode,
         )
         result = await services.ledger.recharge(receipt)
     except LiveGiftError as exc:
@@ -114,6 +129,7 @@ async def recharge(request: Request) -> Response:
                 "currency": txn["currency"],
                 "package": txn["package"],
                 "region": txn["region"],
+                **({"sandbox": True} if txn.get("sandbox") else {}),
             },
             "balance": {"coins": result.coins, "diamonds": result.diamonds},
             "replayed": result.replayed,
@@ -132,7 +148,12 @@ async def dev_receipt(request: Request) -> Response:
     if not isinstance(package, str) or not isinstance(region, str):
         raise BadRequest("package and region must be strings")
     receipt = auth.mint_receipt(
-        services.settings.payment_secret, services.catalog, user.id, package, region=region
+        services.settings.payment_secret,
+        services.catalog,
+        user.id,
+        package,
+        region=region,
+        sandbox=True,
     )
     return JSONResponse({"receipt": receipt})
 
@@ -172,13 +193,13 @@ async def create_stream(request: Request) -> Response:
 
 async def end_stream(request: Request) -> Response:
     user = current_user(request)
-    room = request.path_params["room"]
+    room = room_param(request)
     await services_of(request).streams.end_stream(user, room)
     return JSONResponse({"room": room, "live": False})
 
 
 async def get_stream(request: Request) -> Response:
-    room = request.path_params["room"]
+    room = room_param(request)
     services = services_of(request)
     info = await services.streams.room(room)
     top = await services.liveliness.top(room)
@@ -195,6 +216,17 @@ async def get_stream(request: Request) -> Response:
             "seq": int(info.get("seq", 0)),
             "top_gifters": top,
         }
+    )
+
+
+async def overlay_key(request: Request) -> Response:
+    """PROTOCOL §8: a new overlay key for the caller's own stream overlay; the old one
+    stops working, and overlays open with it are closed 4401."""
+    user = current_user(request)
+    key = await overlays.rotate(services_of(request).redis, user.id)
+    base = f"{request.url.scheme}://{request.url.netloc}"
+    return JSONResponse(
+        {"key": key, "url": overlays.overlay_url(base, user.id, key)}, status_code=201
     )
 
 
@@ -228,6 +260,7 @@ routes = [
     Route("/api/streams", create_stream, methods=["POST"]),
     Route("/api/streams/{room}", get_stream, methods=["GET"]),
     Route("/api/streams/{room}", end_stream, methods=["DELETE"]),
+    Route("/api/overlay-key", overlay_key, methods=["POST"]),
     Route("/api/payouts", create_payout, methods=["POST"]),
     Route("/api/payouts", list_payouts, methods=["GET"]),
 ]

@@ -18,11 +18,13 @@ from typing import Any
 import orjson
 
 from livegift import disconnect
-from livegift.api.handshake import check_join
+from livegift.admission import Slot
+from livegift.api.handshake import Join, check_follow, check_join, is_follow
 from livegift.connection import Connection
 from livegift.disconnect import Close
 from livegift.errors import LiveGiftError
-from livegift.protocol import Wire, wire_for
+from livegift.follow import Follow
+from livegift.protocol import Codec, Wire, wire_for
 from livegift.services import Services
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -57,6 +59,9 @@ class QueueSink:
         self._wake.set()
         if self._size > self.limit and self.on_slow is not None:
             asyncio.get_running_loop().call_soon(self.on_slow)
+
+    def buffered(self) -> int:
+        return self._size
 
     def close(self, close: Close, reason: str = "") -> None:
         if self.closed:
@@ -109,20 +114,66 @@ async def websocket_endpoint(
 ) -> None:
     if (await receive())["type"] != "websocket.connect":
         return
+    if is_follow(scope["path"]):
+        await _follow(services, scope, receive, send)
+        return
     settings = services.settings
     try:
         join = check_join(
             settings, scope["path"], scope.get("query_string", b""), scope.get("headers", [])
         )
+        slot = Connection.admit(services, join)  # 429 past the user's cap
     except LiveGiftError as exc:
         await refuse(send, exc)
         return
+    try:
+        await _serve(services, join, slot, receive, send)
+    finally:
+        slot.release()  # the connection gave it back already, unless accepting failed
+
+
+async def _serve(services: Services, join: Join, slot: Slot, receive: Receive, send: Send) -> None:
+    def make(sink: QueueSink) -> Connection:
+        return Connection(services, join, sink, slot=slot)
+
+    await _run(services, join.codec, join.subprotocol, make, receive, send)
+
+
+async def _follow(services: Services, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    """``/ws/creator/{user}?key=``: a creator's overlay (livegift.follow), uncapped."""
+    try:
+        follow = check_follow(
+            services.settings,
+            scope["path"],
+            scope.get("query_string", b""),
+            scope.get("headers", []),
+        )
+    except LiveGiftError as exc:
+        await refuse(send, exc)
+        return
+
+    def make(sink: QueueSink) -> Follow:
+        return Follow(services, follow, sink)
+
+    await _run(services, follow.codec, follow.subprotocol, make, receive, send)
+
+
+async def _run(
+    services: Services,
+    codec: Codec,
+    subprotocol: str | None,
+    make: Callable[[QueueSink], Connection | Follow],
+    receive: Receive,
+    send: Send,
+) -> None:
+    """Accept, then the connection's life: open, ops until the client goes, closed."""
     accept: dict[str, Any] = {"type": "websocket.accept"}
-    if join.subprotocol:
-        accept["subprotocol"] = join.subprotocol
+    if subprotocol:
+        accept["subprotocol"] = subprotocol
     await send(accept)
-    sink = QueueSink(send, wire_for(join.codec, framed=False), settings.send_buffer_limit)
-    connection = Connection(services, join, sink)
+    limit = services.settings.send_buffer_limit
+    sink = QueueSink(send, wire_for(codec, framed=False), limit)
+    connection = make(sink)
     sink.on_slow = connection.too_slow
     try:
         if await connection.open():
@@ -132,7 +183,7 @@ async def websocket_endpoint(
         await sink.finish()
 
 
-async def _read(connection: Connection, receive: Receive) -> None:
+async def _read(connection: Connection | Follow, receive: Receive) -> None:
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":

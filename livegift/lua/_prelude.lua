@@ -63,3 +63,19 @@ local function emit(hist, channel, seq, data, now, hist_len, hist_ms)
   end
   redis.call('PUBLISH', channel, data)
 end
+
+-- End a live stream: live=0, a durable stream_ended event to its members, and the room's
+-- keys set to expire: its history after hist_ms (it only serves resumes, and an ended room
+-- takes no joins), its hash and top gifters after ttl_s (GET /api/streams/{room} shows
+-- them until then). Used by stream_end and by stream_start (one live stream per creator).
+-- Returns the stream_ended seq.
+local function end_stream(room, hist, top, channel, room_id, now, hist_len, hist_ms, ttl_s)
+  redis.call('HSET', room, 'live', '0', 'ended', fmt(now))
+  local seq = redis.call('HINCRBY', room, 'seq', 1)
+  local ended = event('stream_ended', seq, now, {'room', jstr(room_id)})
+  emit(hist, channel, seq, ended, now, hist_len, hist_ms)
+  redis.call('PEXPIRE', hist, math.min(hist_ms, ttl_s * 1000))
+  redis.call('EXPIRE', room, ttl_s)
+  redis.call('EXPIRE', top, ttl_s)
+  return seq
+end

@@ -1,7 +1,10 @@
--- stream_end: the creator ends a live stream; members get stream_ended.
+-- stream_end: the creator ends a live stream; members get stream_ended, and the room's
+-- keys start to expire (end_stream in the prelude).
 --
 -- KEYS[1] room hash   KEYS[2] creator's live-room pointer   KEYS[3] room history
+-- KEYS[4] room top gifters
 -- ARGV[1] caller id   ARGV[2] channel   ARGV[3] history length   ARGV[4] history ms
+-- ARGV[5] seconds an ended room is kept
 -- Returns: the stream_ended seq, or 0 when the stream had already ended.
 -- Errors: not_found, forbidden.
 
@@ -15,12 +18,8 @@ end
 if room[2] ~= '1' then
   return 0
 end
-local now = now_ms()
-redis.call('HSET', KEYS[1], 'live', '0', 'ended', fmt(now))
 if redis.call('GET', KEYS[2]) == room[3] then
   redis.call('DEL', KEYS[2])
 end
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local ended = event('stream_ended', seq, now, {'room', jstr(room[3])})
-emit(KEYS[3], ARGV[2], seq, ended, now, tonumber(ARGV[3]), tonumber(ARGV[4]))
-return seq
+return end_stream(KEYS[1], KEYS[3], KEYS[4], ARGV[2], room[3], now_ms(), tonumber(ARGV[3]),
+  tonumber(ARGV[4]), tonumber(ARGV[5]))

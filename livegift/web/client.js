@@ -13,6 +13,10 @@
  *    dropped is sent again with the same req after the reconnect (the server charges a
  *    gift req once), so a tap is never lost and never charged twice;
  *  - turns error codes into clear human messages (ERROR_TEXT);
+ *  - follows a creator across streams on /ws/creator/{user}?key=... (the overlay's stable URL);
+ *  - swaps in a new token on open sockets (op "refresh": LiveGift.refresh(token), or a
+ *    postMessage {type: "livegift.token", token} from the embedding app), asks that app for
+ *    one before the token expires, and stops with "token_expired" when it did expire;
  *  - keeps a room's running totals (Totals) and knows when two gifts are one streak.
  *
  * No dependencies, no build step. Exposes window.LiveGift.
@@ -31,8 +35,12 @@
   };
   // contract:DURABLE end
 
-  // Close codes after which reconnecting cannot help.
+  // Close codes after which reconnecting cannot help. 4401 with the reason "token_expired"
+  // is the token running out on an open socket (the state "token_expired").
   var FINAL_CLOSE = { 4401: "unauthorized", 4403: "forbidden", 4404: "not_found" };
+  var TOKEN_EXPIRED = "token_expired";
+  // Ask the embedding app for a new token this long before the current one expires.
+  var EXPIRY_NOTICE_MS = 60000;
   var BACKOFF_MIN_MS = 500;
   var BACKOFF_MAX_MS = 10000;
   var WELCOME_TIMEOUT_MS = 10000;
@@ -40,13 +48,55 @@
 
   // ---------------------------------------------------------------- helpers
 
-  /** Room (last path segment), token and the other query parameters of this page. */
+  var pageContext = null;
+  // Query parameters that are credentials: read once, then taken out of the address bar.
+  var SECRET_PARAMS = ["token", "key"];
+
+  /**
+   * Room (last path segment), token and the other query parameters of this page, read once.
+   * `creator` is set on /overlay/u/{user} (with `key`). The token and the key are taken out
+   * of the address bar (history.replaceState) and kept for this tab in sessionStorage, so a
+   * reload still works but the URL on screen, in the history and in a screenshot holds none.
+   */
   function context() {
+    if (pageContext) return pageContext;
     var parts = location.pathname.split("/").filter(Boolean);
     var room = "";
     try { room = decodeURIComponent(parts[parts.length - 1] || ""); } catch (e) { room = ""; }
     var params = new URLSearchParams(location.search);
-    return { room: room, token: params.get("token") || "", params: params };
+    var found = {};
+    SECRET_PARAMS.forEach(function (name) {
+      found[name] = params.get(name) || remembered(name, null);
+      if (params.has(name)) { remembered(name, found[name]); params.delete(name); }
+    });
+    if (found.token !== null || found.key !== null) {
+      var query = params.toString();
+      try {
+        history.replaceState(history.state, "", location.pathname + (query ? "?" + query : "") + location.hash);
+      } catch (e) { /* an opaque origin: nothing to tidy */ }
+    }
+    pageContext = { room: room, token: found.token || "", key: found.key || "", params: params,
+      creator: parts.length === 3 && parts[1] === "u" ? room : "" };
+    return pageContext;
+  }
+
+  /** This tab's copy of a credential for this page (value null: read it). */
+  function remembered(name, value) {
+    var slot = "livegift." + name + ":" + location.pathname;
+    try {
+      if (value === null) return global.sessionStorage.getItem(slot);
+      global.sessionStorage.setItem(slot, value);
+    } catch (e) { /* storage off: a reload then needs the link again */ }
+    return value;
+  }
+
+  /** A token's exp claim in ms (0 when it cannot be read). */
+  function tokenExpiry(token) {
+    try {
+      var part = String(token).split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      var exp = JSON.parse(global.atob(part + "===".slice((part.length + 3) % 4))).exp;
+      return typeof exp === "number" ? exp * 1000 : 0;
+    } catch (e) { return 0; }
   }
 
   /** A fresh client request id (1-64 chars). */
@@ -81,6 +131,7 @@
     bad_request: "That request wasn't valid. Please try again.",
     idempotency_conflict: "That request clashed with an earlier one. Please try again.",
     unauthorized: "Your sign-in link has expired or is invalid. Open a fresh link.",
+    token_expired: "Your session ended \u2014 reload with a new link.",
     forbidden: "You're not allowed to do that here.",
     not_found: "This stream doesn't exist or has ended.",
     unknown_package: "That coin package isn't sold in your region.",
@@ -90,6 +141,7 @@
     below_minimum: "That's below the minimum cash-out.",
     payout_limit: "That's over the daily cash-out limit. Try again tomorrow.",
     internal: "Something went wrong on our side. Please try again.",
+    too_many_connections: "Too many open windows or devices on this account. Close one and try again.",
     // made by this client, never sent by the server:
     network: "Can't reach the server. Check your connection.",
     timeout: "No answer from the server yet. Check the feed before trying again.",
@@ -153,13 +205,18 @@
 
   /**
    * connect({room, token, since, history, onEvent(ev, meta), onStatus(state, detail)}) -> Client
+   * connect({creator, key, onEvent, onStatus}) -> Client following a creator's live stream
+   *   (/ws/creator/{creator}?key=): the room changes with each new stream, "stream_ended"
+   *   does not stop it, and "offline" says no stream is live.
    *
-   * states: "connecting", "live", "reconnecting" (detail: {delay}), "ended",
-   *         "unauthorized", "forbidden", "not_found", "closed".
+   * states: "connecting", "live", "offline", "reconnecting" (detail: {delay}), "ended",
+   *         "unauthorized", "token_expired", "forbidden", "not_found", "closed".
    */
   function Client(opts) {
-    this.room = opts.room;
-    this.token = opts.token;
+    this.room = opts.room || "";
+    this.token = opts.token || "";
+    this.creator = opts.creator || "";
+    this.key = opts.key || "";
     this.onEvent = opts.onEvent || function () {};
     this.onStatus = opts.onStatus || function () {};
     this.lastSeq = (opts.since === undefined || opts.since === null) ? null : Number(opts.since);
@@ -192,6 +249,10 @@
   Client.prototype._url = function () {
     var proto = location.protocol === "https:" ? "wss:" : "ws:";
     var q = new URLSearchParams();
+    if (this.creator) {
+      q.set("key", this.key);
+      return proto + "//" + location.host + "/ws/creator/" + encodeURIComponent(this.creator) + "?" + q.toString();
+    }
     q.set("token", this.token);
     if (this.lastSeq !== null) q.set("since", String(this.lastSeq));
     return proto + "//" + location.host + "/ws/" + encodeURIComponent(this.room) + "?" + q.toString();
@@ -241,6 +302,8 @@
       this.stats.connects++;
       // On a first join nothing is replayed: start after the room's latest seq. On a
       // resume keep our own lastSeq: the replay of what we missed follows this welcome.
+      // Following a creator there is no resume, and each stream is a new room.
+      if (this.creator) { this.room = ev.room; this.lastSeq = null; }
       if (this.lastSeq === null && typeof ev.seq === "number") this.lastSeq = ev.seq;
       if (this.wantHistory && this.historyUpTo === null && typeof ev.seq === "number") this.historyUpTo = ev.seq;
       this._setState("live", { welcome: ev });
@@ -255,7 +318,15 @@
       }
       if (this.lastSeq !== null && ev.seq > this.lastSeq + 1) this.stats.gaps++;
       this.lastSeq = ev.seq;
-      if (ev.type === "stream_ended") this.ended = true;
+      if (ev.type === "stream_ended" && !this.creator) this.ended = true;
+    }
+    if (ev.type === "offline") {
+      this.welcomed = true;                       // the first frame of a creator with no stream
+      clearTimeout(this.welcomeTimer);
+      this.attempt = 0;
+      this.failuresBeforeWelcome = 0;
+      this.room = "";
+      this._setState("offline", { creator: ev.creator });
     }
     if (ev.type === "ack" && ev.req !== undefined) {
       var p = this.pending.get(ev.req);
@@ -270,7 +341,7 @@
       }
     }
     this._emit(ev);
-    if (ev.type === "stream_ended") this._finish("ended");
+    if (ev.type === "stream_ended" && !this.creator) this._finish("ended");
   };
 
   Client.prototype._emit = function (ev) {
@@ -288,9 +359,10 @@
     clearTimeout(this.welcomeTimer);
     if (this.stopped) return;
     if (this.ended) { this._finish("ended"); return; }
+    if (e.code === 4401 && e.reason === TOKEN_EXPIRED) { this._finish(TOKEN_EXPIRED); return; }
     if (FINAL_CLOSE[e.code]) { this._finish(FINAL_CLOSE[e.code]); return; }
     this._failUnsafePending();
-    if (!this.welcomed) {
+    if (!this.welcomed && !this.creator) {
       this.failuresBeforeWelcome++;
       // A refused handshake (401/403/404 before upgrading) shows up in browsers as a bare
       // 1006, so after a couple of failures ask the HTTP API whether retrying can help.
@@ -342,6 +414,28 @@
 
   /** Close the connection and stop reconnecting. */
   Client.prototype.close = function () { this._finish("closed"); };
+
+  /**
+   * Swap in a new token of the same user before the old one expires: sent as the
+   * "refresh" op on an open socket (the server answers unauthorized, and keeps the old
+   * token, for a bad token or another user's), else used for the next connect.
+   */
+  Client.prototype.refresh = function (token) {
+    var self = this;
+    if (this.creator) return Promise.resolve(null);     // an overlay key does not expire
+    if (this.stopped) {
+      var code = this.state === "closed" ? "connection_lost" : this.state;
+      return Promise.reject(new ApiError(code, errorText(code), 0));
+    }
+    if (!this.ws || !this.welcomed) { this.token = token; return Promise.resolve(null); }
+    return this.request({ op: "refresh", token: token }).then(function (ack) {
+      self.token = token;
+      return ack;
+    }, function (err) {
+      if (err.code === "connection_lost" || err.code === "timeout") self.token = token;
+      throw err;
+    });
+  };
 
   /**
    * Test and debug hook: drop the socket as a network failure would and stay away for
@@ -413,8 +507,59 @@
   function connect(opts) {
     var client = new Client(opts);
     clients.push(client);
+    watchExpiry();
     return client.start();
   }
+
+  // ---------------------------------------------------------------- token refresh
+
+  /**
+   * Give the page a new token (the same user's): every client swaps it in with the refresh
+   * op, then the page's HTTP calls use it too. Resolves true, or rejects with the ApiError
+   * of a client that refused it (the page then keeps its old token).
+   */
+  function refresh(token) {
+    var ctx = context();
+    if (typeof token !== "string" || !token) {
+      return Promise.reject(new ApiError("bad_request", errorText("bad_request"), 0));
+    }
+    var open = clients.filter(function (c) { return !c.stopped && !c.creator; });
+    return Promise.all(open.map(function (c) { return c.refresh(token); })).then(function () {
+      ctx.token = token;
+      remembered("token", token);
+      watchExpiry();
+      return true;
+    });
+  }
+
+  var expiryTimer = null;
+  /** Ask the embedding app (parent frame or opener) for a new token before this one expires. */
+  function watchExpiry() {
+    clearTimeout(expiryTimer);
+    var exp = tokenExpiry(context().token);
+    if (!exp) return;
+    var wait = Math.max(0, Math.min(exp - EXPIRY_NOTICE_MS - Date.now(), 0x7fffffff));
+    expiryTimer = setTimeout(function () {
+      var notice = { type: "livegift.token_expiring", exp: Math.round(exp / 1000) };
+      [global.parent !== global ? global.parent : null, global.opener].forEach(function (w) {
+        if (w) { try { w.postMessage(notice, "*"); } catch (e) { /* gone */ } }
+      });
+    }, wait);
+  }
+
+  // {type: "livegift.token", token} from the embedding app refreshes the page's token; the
+  // answer goes back as {type: "livegift.token_refreshed", ok, code}.
+  global.addEventListener("message", function (e) {
+    var data = e.data;
+    if (!data || data.type !== "livegift.token" || typeof data.token !== "string") return;
+    if (e.source !== global.parent && e.source !== global.opener) return;
+    var reply = function (ok, code) {
+      if (e.source && e.source !== global) {
+        try { e.source.postMessage({ type: "livegift.token_refreshed", ok: ok, code: code || null }, e.origin || "*"); } catch (x) { /* */ }
+      }
+    };
+    refresh(data.token).then(function () { reply(true); }, function (err) { reply(false, err.code); });
+  });
 
   // ---------------------------------------------------------------- room totals
 
@@ -487,6 +632,8 @@
     context: context,
     api: api,
     connect: connect,
+    refresh: refresh,
+    tokenExpiry: tokenExpiry,
     clients: clients,
     Client: Client,
     ApiError: ApiError,

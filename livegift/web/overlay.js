@@ -1,5 +1,8 @@
 /*
- * overlay.js: the OBS browser-source overlay, /overlay/{room}?token=... (see docs/pages.md).
+ * overlay.js: the OBS browser-source overlay (see docs/pages.md), either
+ *   /overlay/u/{user}?key=...   the creator's stable URL: follows each new stream, holds no
+ *                               user token (the key comes from POST /api/overlay-key), or
+ *   /overlay/{room}?token=...   one room, with a user's token.
  *
  * Query parameters:
  *   duration=ms   how long one alert shows (default 4000)
@@ -166,6 +169,7 @@
   // ------------------------------------------------------------ goal bar
 
   var goal = null;
+  var room = ctx.creator ? "" : ctx.room;   // following a creator: the room of each welcome
   if (GOAL > 0) {
     goal = new L.Totals(renderGoal);
     var goalNode = $("goal");
@@ -198,12 +202,25 @@
       goal.applySnapshot({ coins_received: 0, seq: welcomeSeq }, welcomeSeq);
       return;
     }
-    L.api("GET", "/api/streams/" + encodeURIComponent(ctx.room), undefined, ctx.token).then(function (s) {
-      goal.applySnapshot(s || {}, welcomeSeq);
+    var forRoom = room, forGoal = goal;
+    L.api("GET", "/api/streams/" + encodeURIComponent(forRoom), undefined, ctx.token || undefined).then(function (s) {
+      if (forGoal === goal) goal.applySnapshot(s || {}, welcomeSeq);
     }, function () {
+      if (forGoal !== goal) return;
       snapshotAsked = false;
       setTimeout(loadGoalSnapshot, 3000);
     });
+  }
+
+  /** A new stream of the followed creator: its goal counts from that stream's start. */
+  function newRoom(id) {
+    room = id;
+    welcomeSeq = null;
+    if (goal) {
+      goal = new L.Totals(renderGoal);
+      snapshotAsked = false;
+      renderGoal(goal);
+    }
   }
 
   // ------------------------------------------------------------ connection
@@ -211,8 +228,11 @@
   var client = L.connect({
     room: ctx.room,
     token: ctx.token,
+    creator: ctx.creator,
+    key: ctx.key,
     onEvent: function (ev) {
       if (ev.type === "welcome") {
+        if (ctx.creator && ev.room !== room) newRoom(ev.room);
         if (welcomeSeq === null) welcomeSeq = typeof ev.seq === "number" ? ev.seq : 0;
         loadGoalSnapshot();
       } else if (ev.type === "gift") {

@@ -231,11 +231,15 @@
     });
   });
 
-  // ------------------------------------------------------------ overlay URL builder
+  // ------------------------------------------------------------ overlay URL (an overlay key, no token)
+
+  var overlayBase = null;    // {url} from POST /api/overlay-key: /overlay/u/{user}?key=...
+  var keyBtn = $("ov-key");
 
   function overlayUrl() {
-    var q = new URLSearchParams();
-    q.set("token", ctx.token);
+    if (!overlayBase) return "";
+    var url = new URL(overlayBase);
+    var q = url.searchParams;
     var min = parseInt($("ov-min").value, 10);
     if (min > 0) q.set("min", String(min));
     var seconds = parseFloat($("ov-duration").value);
@@ -247,9 +251,23 @@
       if (title) q.set("goal_title", title);
     }
     if (ctx.params.get("tiers")) q.set("tiers", ctx.params.get("tiers"));
-    return location.origin + "/overlay/" + encodeURIComponent(ctx.room) + "?" + q.toString();
+    return url.toString();
   }
-  function refreshOverlayUrl() { $("ov-url").value = overlayUrl(); }
+  function refreshOverlayUrl() {
+    $("ov-url").value = overlayUrl();
+    $("ov-copy").disabled = !overlayBase;
+  }
+  keyBtn.addEventListener("click", function () {
+    keyBtn.disabled = true;
+    L.api("POST", "/api/overlay-key", undefined, ctx.token).then(function (res) {
+      overlayBase = res.url;
+      refreshOverlayUrl();
+      keyBtn.textContent = "New overlay URL (revokes this one)";
+      status.say("Overlay URL ready: paste it into an OBS Browser source.", "success", 5000);
+    }, function (err) {
+      status.error(err, undefined, 8000);
+    }).then(function () { keyBtn.disabled = false; });
+  });
   ["ov-min", "ov-duration", "ov-goal", "ov-goal-title"].forEach(function (id) {
     $(id).addEventListener("input", refreshOverlayUrl);
   });

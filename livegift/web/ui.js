@@ -107,7 +107,8 @@
   var STATUS_TEXT = {
     idle: "Starting", connecting: "Connecting", live: "Live", reconnecting: "Reconnecting",
     ended: "Stream ended", unauthorized: "Link expired", forbidden: "Not allowed",
-    not_found: "Stream not found", closed: "Disconnected"
+    not_found: "Stream not found", closed: "Disconnected", offline: "Offline",
+    token_expired: "Session ended"
   };
 
   /** Render a connection state into a status element (data-state + readable text). */
@@ -136,7 +137,7 @@
 
   // States after which the connection stays down for good until the page is opened again
   // with a fresh link: the page says why in its message region.
-  var FAILED = { unauthorized: true, forbidden: true, not_found: true };
+  var FAILED = { unauthorized: true, token_expired: true, forbidden: true, not_found: true };
 
   /**
    * PageStatus: the one way a page shows its connection state and its errors.
@@ -150,8 +151,9 @@
    *   });
    *   LiveGift.connect({..., onStatus: status.onStatus});
    *
-   * Each connection state shows in the pill ("Reconnecting in 3s"). unauthorized, forbidden
-   * and not_found also put their error text in the message region. The page ends on the
+   * Each connection state shows in the pill ("Reconnecting in 3s"). unauthorized,
+   * token_expired, forbidden and not_found also put their error text in the message region
+   * (token_expired: "Your session ended — reload with a new link."). The page ends on the
    * "ended" state, on an endOn state, or when it calls status.end() itself (a stream_ended
    * event, a snapshot with live: false); after that only "ended" is shown, so the pill keeps
    * saying why. status.ended tells whether it has. status.say() and status.error() put any

@@ -14,7 +14,7 @@ import pathlib
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,9 @@ from playwright.async_api import (  # noqa: E402
     async_playwright,
     expect,
 )
+
+from livegift.api.app import PAGE_HEADERS  # noqa: E402
+from tests.conftest import LiveServer  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(60)]
 
@@ -75,6 +78,18 @@ class Room:
 
 def uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def live_server(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The pages' server, in development mode: the viewer page recharges with sandbox
+    receipts from POST /api/dev/receipt, which a production server does not serve."""
+    server = LiveServer(
+        redis_url, {"LIVEGIFT_DEV": "1"}, log=tmp_path_factory.mktemp("logs") / "pages.log"
+    )
+    server.start()
+    yield server
+    server.close()
 
 
 @pytest.fixture
@@ -502,6 +517,28 @@ async def test_watch_recharge_button_and_taps_while_reconnecting(
     assert live_server.get("/api/wallet", token).json()["coins"] == 290
 
 
+async def test_watch_recharge_explains_a_server_not_in_development_mode(
+    browser: Browser, server_factory: Any
+) -> None:
+    server: LiveServer = server_factory()  # production: the default
+    viewer, creator = uid("fan"), uid("creator")
+    token = server.token(viewer, name="Fan")
+    room_id = server.create_stream(server.token(creator, name="Nova"))
+    pages = Pages(browser, server.base_url)
+    try:
+        watch = await pages.open("watch", room_id, token)
+        await watch.get_by_label("Coin package").select_option("p330")
+        await watch.get_by_test_id("recharge").click()
+        await expect(watch.get_by_test_id("message")).to_contain_text(
+            "Recharging from this page only works on a development server."
+        )
+        await expect(watch.get_by_test_id("balance")).to_have_text("0")
+    finally:
+        await pages.close()
+    assert server.get("/api/wallet", token).json()["coins"] == 0
+    assert not pages.errors, pages.errors
+
+
 async def test_user_text_is_escaped_and_pages_are_keyboard_operable(
     pages: Pages, room: Room
 ) -> None:
@@ -578,10 +615,12 @@ async def test_pages_explain_a_bad_token_or_an_unknown_room(pages: Pages, room: 
 
 
 async def test_pages_work_under_a_strict_content_security_policy(room: Room) -> None:
-    """No inline scripts or styles: the pages run under default-src 'self'."""
+    """No inline scripts or styles: the pages run under default-src 'self', and their
+    WebSockets under the shipped connect-src 'self' (no ws:/wss: to other hosts)."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"chromium not found at {CHROMIUM}")
-    csp = "default-src 'self'; connect-src 'self' ws: wss:"
+    csp = PAGE_HEADERS["content-security-policy"]
+    assert "connect-src 'self';" in csp and "ws:" not in csp
     violations: list[str] = []
 
     async def add_csp(route: Any) -> None:
@@ -624,3 +663,118 @@ async def test_pages_work_under_a_strict_content_security_policy(room: Room) -> 
             assert violations == [], violations
         finally:
             await browser.close()
+
+
+# ---------------------------------------------------------------- tokens and the overlay key (PROTOCOL §8)
+
+
+async def test_studio_gives_an_overlay_url_without_a_token_that_follows_the_creator(
+    pages: Pages, room: Room
+) -> None:
+    server = room.server
+    studio = await pages.open("studio", room.room, room.creator_token)
+    await studio.get_by_test_id("overlay-key").click()
+    url_box = studio.get_by_test_id("overlay-url")
+    await expect(url_box).to_have_value(
+        re.compile(rf"/overlay/u/{room.creator}\?key=[A-Za-z0-9_-]{{22,}}")
+    )
+    await studio.get_by_label("Minimum coins").fill("5")
+    url = await url_box.input_value()
+    assert "token" not in url and room.creator_token not in url and "min=5" in url, url
+
+    context = await pages.browser.new_context(viewport=DESKTOP)
+    pages.contexts.append(context)
+    overlay = await context.new_page()
+    overlay.on("pageerror", lambda exc: pages.errors.append(f"overlay/u: {exc}"))
+    await overlay.goto(url + "&debug=1")
+    status = overlay.get_by_test_id("status")
+    await expect(status).to_have_attribute("data-state", "live")
+    assert "key=" not in overlay.url and "min=5" in overlay.url, overlay.url
+
+    await send_gifts(server, room.room, room.viewer_token, ["rose", "corgi"])  # rose < min
+    alert = overlay.get_by_test_id("alert").first
+    await expect(alert).to_contain_text("Alice")
+    await expect(alert).to_contain_text("Corgi")
+    assert await overlay.get_by_test_id("alert").filter(has_text="Rose").count() == 0
+
+    # The stream ends, the next one starts: the same URL follows it.
+    assert server.delete(f"/api/streams/{room.room}", room.creator_token).status_code == 200
+    await expect(status).to_have_attribute("data-state", "offline")
+    second = server.create_stream(room.creator_token, title="Saturday")
+    await expect(status).to_have_attribute("data-state", "live")
+    await send_gifts(server, second, room.viewer_token, ["hand_hearts"])
+    await expect(overlay.get_by_test_id("alert").filter(has_text="Hand Hearts")).to_have_count(
+        1, timeout=8000
+    )
+
+
+async def test_pages_take_the_token_out_of_the_address_bar(pages: Pages, room: Room) -> None:
+    for kind, token in (
+        ("studio", room.creator_token),
+        ("overlay", room.creator_token),
+        ("watch", room.viewer_token),
+    ):
+        page = await pages.open(kind, room.room, token, "tiers=10,20,30")
+        assert "token" not in page.url and "tiers=" in page.url, page.url
+        assert token not in await page.evaluate("() => location.href + history.state")
+        # A reload in the same tab still works: the tab kept the token, not the URL.
+        await page.reload()
+        await expect(page.get_by_test_id("status")).to_have_attribute("data-state", "live")
+        assert "token" not in page.url
+
+
+async def test_a_page_whose_token_expired_says_the_session_ended(pages: Pages, room: Room) -> None:
+    token = room.server.token(room.viewer, name="Alice", ttl=5)
+    watch = await pages.open("watch", room.room, token)
+    status = watch.get_by_test_id("status")
+    await expect(status).to_have_attribute("data-state", "token_expired", timeout=9000)
+    await expect(status).to_have_text("Session ended")
+    await expect(watch.get_by_test_id("message")).to_have_text(
+        "Your session ended \u2014 reload with a new link."
+    )
+    await asyncio.sleep(2)  # it does not reconnect
+    assert (await watch.evaluate("() => window.watch.client.stats"))["connects"] == 1
+    await expect(status).to_have_attribute("data-state", "token_expired")
+
+
+async def test_a_page_takes_a_new_token_from_the_app_that_opened_it(
+    pages: Pages, room: Room
+) -> None:
+    server = room.server
+    short = server.token(room.viewer, name="Alice", ttl=8)
+    exp = time.time() + 8  # the token's exp, or up to a second later
+    app = await pages.open("watch", room.room, room.viewer_token)  # stands in for the app
+    await app.evaluate(
+        "() => { window.__got = []; addEventListener('message', e => window.__got.push(e.data)); }"
+    )
+    async with app.context.expect_page() as opened:
+        await app.evaluate(
+            "url => { window.__popup = window.open(url); }",
+            f"{server.base_url}/watch/{room.room}?token={short}",
+        )
+    popup = await opened.value
+    popup.on("pageerror", lambda exc: pages.errors.append(f"popup: {exc}"))
+    status = popup.get_by_test_id("status")
+    await expect(status).to_have_attribute("data-state", "live")
+    # Its token expires within the minute, so it asks the app for a new one...
+    await app.wait_for_function(
+        "() => window.__got.some(m => m && m.type === 'livegift.token_expiring')"
+    )
+    # ... which refuses another user's token and takes the same user's.
+    post = "t => window.__popup.postMessage({type: 'livegift.token', token: t}, '*')"
+    await app.evaluate(post, server.token(uid("mallory"), ttl=3600))
+    await app.wait_for_function(
+        "() => window.__got.some(m => m && m.type === 'livegift.token_refreshed' && !m.ok"
+        " && m.code === 'unauthorized')"
+    )
+    fresh = server.token(room.viewer, name="Alice", ttl=3600)
+    await app.evaluate(post, fresh)
+    await app.wait_for_function(
+        "() => window.__got.some(m => m && m.type === 'livegift.token_refreshed' && m.ok)"
+    )
+    assert await popup.evaluate("() => window.LiveGift.context().token") == fresh
+
+    await asyncio.sleep(max(0.0, exp + 2 - time.time()))  # past the old token's exp
+    await expect(status).to_have_attribute("data-state", "live")
+    await popup.get_by_test_id("gift-btn-rose").click()
+    await expect(popup.get_by_test_id("balance")).to_have_text("1,320")
