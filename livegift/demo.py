@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import orjson
 import websockets
 
-from livegift import auth
+from livegift import auth, overlays
 from livegift.auth import User
 from livegift.catalog import default_catalog
 from livegift.config import Settings
@@ -36,6 +36,7 @@ class DemoInfo:
     creator_token: str
     viewer_token: str
     minor_token: str
+    overlay_key: str
 
 
 async def seed(settings: Settings) -> DemoInfo:
@@ -57,6 +58,7 @@ async def seed(settings: Settings) -> DemoInfo:
                     settings.payment_secret, catalog, token, user, dev_mode=settings.dev_mode
                 )
                 coins = (await ledger.recharge(receipt)).coins
+        overlay_key = await overlays.rotate(redis, CREATOR.id)
     finally:
         await redis.aclose()
     mint = auth.mint_token
@@ -65,6 +67,7 @@ async def seed(settings: Settings) -> DemoInfo:
         mint(settings.secret, CREATOR.id, name=CREATOR.name, birthdate=ADULT, ttl=30 * 86400),
         mint(settings.secret, "alice", name="Alice", birthdate=ADULT, ttl=30 * 86400),
         mint(settings.secret, "kid", name="Kid", birthdate=MINOR, ttl=30 * 86400),
+        overlay_key,
     )
 
 

@@ -150,7 +150,8 @@ def _prog() -> str:
 
 
 async def _seed_and_print(settings: Settings, args: argparse.Namespace, bots: bool) -> Any:
-    from livegift.demo import seed
+    from livegift.demo import CREATOR, seed
+    from livegift.overlays import overlay_url
 
     info = await seed(settings)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
@@ -164,7 +165,7 @@ async def _seed_and_print(settings: Settings, args: argparse.Namespace, bots: bo
         + (" with simulated gifters" if bots else "")
         + "\n\n"
         f"  Creator studio : {base}/studio/{info.room}?token={info.creator_token}\n"
-        f"  Stream overlay : {base}/overlay/{info.room}?token={info.creator_token}&goal=50000\n"
+        f"  Stream overlay : {overlay_url(base, CREATOR.id, info.overlay_key)}&goal=50000\n"
         f"  Viewer page    : {base}/watch/{info.room}?token={info.viewer_token}\n\n"
         f"  Watch in a terminal : {prog} watch {info.room} --url {base} --token {info.viewer_token}\n"
         f"  Send a gift         : {prog} gift {info.room} rose --count 5 --url {base} --token {info.viewer_token}\n"
