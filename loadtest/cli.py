@@ -1,4 +1,5 @@
-"""Command line: ``python -m loadtest [run] ...`` and ``python -m loadtest compare ...``."""
+"""Command line: ``python -m loadtest [run] ...``, ``python -m loadtest compare ...`` and
+``python -m loadtest attacks ...`` (:mod:`loadtest.attacks`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from . import compare as cmp
 from . import runner
 from .targets import KINDS
 
-SUBCOMMANDS = ("run", "compare")
+SUBCOMMANDS = ("run", "compare", "attacks")
 
 
 def _common(p: argparse.ArgumentParser, viewers: int, rate: float, duration: float) -> None:
@@ -200,6 +201,10 @@ def summary(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["attacks"]:
+        from . import attacks
+
+        return attacks.main(argv[1:])
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv.insert(0, "run")
     a = parser().parse_args(argv)

@@ -150,3 +150,33 @@ def test_compare_smoke(comparison: dict[str, Any], kind: str) -> None:
     _assert_clean(res, 20)
     assert res["deliveries"]["expected"] == 20 * 80
     assert report.NAMES[kind] in comparison["table"]
+
+
+@pytest.mark.timeout(300)
+def test_attacks_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m loadtest attacks`` with two cheap attacks against a spawned livegift:
+    the JSON and Markdown are written, each attack has its outcome and the server's
+    measured cost, the server ran this tree's code, and the conformance cases are counted."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the run's scratch folder and logs
+    p = _run(["attacks", "--only", "csp,bad-room-id", "--label", "smoke"], tmp_path, 180)
+    files = list(tmp_path.glob("*-attacks-smoke.json"))
+    assert len(files) == 1, f"no result written\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    assert list(tmp_path.glob("*-attacks-smoke.md")), "no markdown table written"
+    res = json.loads(files[0].read_text())
+    assert res["server"]["livegift_file"] == str(ROOT / "livegift" / "__init__.py"), res["server"]
+    assert res["load_before"]["loadavg"] and res["wall_s"] > 0
+    by_name = {a["name"]: a for a in res["attacks"]}
+    assert sorted(by_name) == ["bad-room-id", "csp"], by_name
+    for a in by_name.values():
+        assert not a.get("error"), a
+        assert a["outcome"] and a["passed"] in (True, False), a
+        assert a["server_cpu_s"] >= 0 and a["peak_rss_growth_mb"] >= 0, a
+        assert a["healthz_n"] >= 1 and a["healthz_ms_max"] > 0, a
+    assert by_name["csp"]["kind"] == "check" and "connect-src" in by_name["csp"]["outcome"]
+    assert by_name["bad-room-id"]["outcome"].startswith(f"HTTP {by_name['bad-room-id']['status']}")
+    conf = res["conformance"]
+    assert conf["items"] > 0 and conf["cases"] <= conf["items"]
+    assert {"framing (1.x)", "UTF-8 (6.x)", "close handshake (7.x)"} <= {
+        r["category"] for r in conf["rows"]
+    }
+    assert p.returncode == 0, p.stderr[-3000:]
