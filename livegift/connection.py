@@ -28,6 +28,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Protocol
 
 from livegift import disconnect
@@ -48,6 +49,17 @@ log = logging.getLogger("livegift.connection")
 MAX_QUEUED_OPS = 32
 
 JOINING, OPEN, CLOSED = range(3)
+
+
+async def run_or_close(sink: Sink, step: Awaitable[None], what: str) -> None:
+    """Run one opening step; a failure closes the sink with the close its error names."""
+    try:
+        await step
+    except LiveGiftError as exc:
+        sink.close(exc.close, exc.message[:100])
+    except Exception:
+        log.exception(what)
+        sink.close(disconnect.SERVER_ERROR)
 
 
 class Flow(Protocol):
@@ -121,12 +133,7 @@ class Connection:
         """Join the room; True once the member is in. On failure the socket is closed."""
         self.services.deadlines.add(self)
         try:
-            await self._join()
-        except LiveGiftError as exc:
-            self.sink.close(exc.close, exc.message[:100])
-        except Exception:
-            log.exception("join failed")
-            self.sink.close(disconnect.SERVER_ERROR)
+            await run_or_close(self.sink, self._join(), "join failed")
         finally:
             # Whatever happened (an error, or a cancellation that was not ours), a socket
             # that did not make it into its room is closed rather than left hanging.

@@ -33,7 +33,7 @@ import orjson
 
 from livegift import disconnect, events, keys, overlays
 from livegift.api.handshake import FollowJoin, welcome
-from livegift.connection import MAX_QUEUED_OPS, Flow
+from livegift.connection import MAX_QUEUED_OPS, Flow, run_or_close
 from livegift.disconnect import Close
 from livegift.errors import BadRequest, Forbidden, LiveGiftError, Unauthorized, Unavailable
 from livegift.hub import Member, Sink
@@ -133,12 +133,7 @@ class Follow:
     async def open(self) -> bool:
         """Check the key and follow the creator; True once open. On failure, closed."""
         try:
-            await self._open()
-        except LiveGiftError as exc:
-            self.sink.close(exc.close, exc.message[:100])
-        except Exception:
-            log.exception("overlay connection failed")
-            self.sink.close(disconnect.SERVER_ERROR)
+            await run_or_close(self.sink, self._open(), "overlay connection failed")
         finally:
             if self.state == JOINING:
                 self.sink.close(disconnect.SERVER_ERROR, "could not follow the creator")
