@@ -27,6 +27,7 @@ import hashlib
 import re
 import struct
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Final
 
 from livegift import disconnect
@@ -404,6 +405,17 @@ def _check_key(headers: list[tuple[bytes, bytes]]) -> bytes:
 def accept_value(key: bytes) -> bytes:
     """Sec-WebSocket-Accept for a Sec-WebSocket-Key (§4.2.2)."""
     return base64.b64encode(hashlib.sha1(key + GUID).digest())
+
+
+def refusal(status: int, content: bytes, content_type: str = "application/json") -> bytes:
+    """An HTTP/1.1 response that refuses a request and closes the connection; a 426 also
+    names the WebSocket version this server speaks (§4.4)."""
+    version = "sec-websocket-version: 13\r\n" if status == 426 else ""
+    return (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        f"content-type: {content_type}\r\ncontent-length: {len(content)}\r\n"
+        f"{version}connection: close\r\n\r\n"
+    ).encode() + content
 
 
 def accept_response(key: bytes, subprotocol: str | None = None) -> bytes:

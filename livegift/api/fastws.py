@@ -34,9 +34,6 @@ from livegift.protocol import JSON_FRAMES, Codec, Wire, wire_for
 from livegift.services import Services
 
 HANDSHAKE, OPEN, CLOSING, CLOSED = range(4)
-REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-           414: "URI Too Long", 426: "Upgrade Required", 429: "Too Many Requests",
-           431: "Request Header Fields Too Large", 503: "Service Unavailable"}  # fmt: skip
 
 
 class FastWebSocket(asyncio.Protocol):
@@ -191,17 +188,10 @@ class FastWebSocket(asyncio.Protocol):
         services.sockets.add(self)
 
     def _http_error(self, status: int, body: dict[str, Any]) -> None:
-        content = orjson.dumps(body)
-        head = (
-            f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
-            f"content-type: application/json\r\ncontent-length: {len(content)}\r\n"
-            + ("sec-websocket-version: 13\r\n" if status == 426 else "")
-            + "connection: close\r\n\r\n"
-        ).encode()
         self.state = CLOSED
         self._head = None
         if self.transport is not None:
-            self.transport.write(head + content)
+            self.transport.write(rfc6455.refusal(status, orjson.dumps(body)))
             self.transport.close()
 
     # -- client frames -------------------------------------------------------------------

@@ -21,7 +21,6 @@ Every refusal carries the PROTOCOL error body.
 from __future__ import annotations
 
 import asyncio
-import http
 from typing import Any
 
 import orjson
@@ -41,13 +40,7 @@ FULL = Unavailable("this server is at its connection limit, try again later").bo
 
 def http_response(status: int, body: dict[str, Any]) -> bytes:
     """A complete HTTP/1.1 response with a JSON body, closing the connection."""
-    content = orjson.dumps(body)
-    head = (
-        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
-        f"content-type: application/json\r\ncontent-length: {len(content)}\r\n"
-        "connection: close\r\n\r\n"
-    )
-    return head.encode() + content
+    return rfc6455.refusal(status, orjson.dumps(body))
 
 
 class _Refused(Exception):
