@@ -5,6 +5,12 @@ few other channels it listens to (a followed creator's feed, :mod:`livegift.foll
 subscribe returns only once Redis confirms it, so a reader of the room's seq afterwards
 cannot miss an event between the two. Events arrive as the JSON bytes the Lua script
 published, and go to the hub untouched.
+
+On a Redis Cluster the subscription is still classic SUBSCRIBE (a PUBLISH on any node,
+also from a Lua script, reaches subscribers on every node) on a plain client to one
+node, from ``subscriber``; when that connection is lost the broker subscribes again
+through the next node, and the hub refills its rooms from history as after any
+reconnect. Room reads (seq, history) go through the store client (``redis``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from redis.asyncio.client import PubSub
 
 from livegift import keys
 from livegift.metrics import REDIS_ERRORS
+from livegift.scripts import store_errors
 
 log = logging.getLogger("livegift.broker")
 
@@ -30,11 +37,20 @@ OnData = Callable[[bytes], None]
 
 
 class Broker:
-    def __init__(self, redis: Redis, on_message: OnMessage, on_reconnect: OnReconnect) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        on_message: OnMessage,
+        on_reconnect: OnReconnect,
+        subscriber: Callable[[], Redis] | None = None,
+    ) -> None:
         self.redis: Any = redis
         self._on_message = on_message
         self._on_reconnect = on_reconnect
-        self._pubsub: PubSub = redis.pubsub(ignore_subscribe_messages=False)
+        # None: pub/sub through ``redis`` itself, which reconnects to the same server.
+        self._subscriber = subscriber
+        self._sub_client: Redis = subscriber() if subscriber is not None else redis
+        self._pubsub: PubSub = self._sub_client.pubsub(ignore_subscribe_messages=False)
         self._rooms: dict[bytes, str] = {}
         # Channels that are not a room's: what to call with a message and after a reconnect.
         self._channels: dict[bytes, tuple[OnData, OnReconnect]] = {}
@@ -57,6 +73,9 @@ class Broker:
                 await self._task
         with contextlib.suppress(Exception):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        if self._subscriber is not None:
+            with contextlib.suppress(Exception):
+                await self._sub_client.aclose()
 
     async def subscribe(self, room: str) -> None:
         channel = keys.channel(room).encode()
@@ -113,13 +132,15 @@ class Broker:
         await self.redis.publish(keys.channel(room), data)
 
     async def latest_seq(self, room: str) -> int:
-        raw = await self.redis.hget(keys.room(room), "seq")
+        with store_errors():  # a store that is down: Unavailable (a join closes 1013)
+            raw = await self.redis.hget(keys.room(room), "seq")
         return int(raw or 0)
 
     async def history(self, room: str, after: int, upto: int | None = None) -> list[bytes]:
         """Durable events with after < seq <= upto still held in the room's history."""
         top = "+inf" if upto is None else upto
-        rows = await self.redis.zrangebyscore(keys.history(room), f"({after}", top)
+        with store_errors():
+            rows = await self.redis.zrangebyscore(keys.history(room), f"({after}", top)
         return list(rows)
 
     async def history_page(
@@ -127,9 +148,10 @@ class Broker:
     ) -> list[tuple[int, bytes]]:
         """At most ``limit`` of the durable events with after < seq <= upto, oldest
         first, each with its seq (the history's score): one page of a resume."""
-        rows = await self.redis.zrangebyscore(
-            keys.history(room), f"({after}", upto, start=0, num=limit, withscores=True
-        )
+        with store_errors():
+            rows = await self.redis.zrangebyscore(
+                keys.history(room), f"({after}", upto, start=0, num=limit, withscores=True
+            )
         return [(int(score), data) for data, score in rows]
 
     async def _run(self) -> None:
@@ -164,3 +186,27 @@ class Broker:
                     log.warning("pub/sub connection lost (%s); reconnecting", exc)
                 reconnecting = True
                 await asyncio.sleep(0.5)
+                if self._subscriber is not None:
+                    await self._move()
+
+    async def _move(self) -> None:
+        """Subscribe every channel again through the next node (a cluster's), until one
+        takes it; the confirmations then run the reconnect path in ``_run``."""
+        assert self._subscriber is not None
+        while True:
+            async with self._lock:
+                old_pubsub, old_client = self._pubsub, self._sub_client
+                self._sub_client = self._subscriber()
+                self._pubsub = self._sub_client.pubsub(ignore_subscribe_messages=False)
+                for closing in (old_pubsub, old_client):
+                    with contextlib.suppress(Exception):
+                        await closing.aclose()
+                channels = list(self._refs)
+                try:
+                    await self._pubsub.connect()  # type: ignore[no-untyped-call]
+                    if channels:
+                        await self._pubsub.subscribe(*channels)
+                    return
+                except (redis_errors.RedisError, OSError) as exc:
+                    log.warning("pub/sub: no node took the subscription (%s)", exc)
+            await asyncio.sleep(0.5)

@@ -77,9 +77,8 @@ def cmd_receipt(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _data_store(settings: Settings) -> Any:
     """REDIS_URL, else the embedded server's data (started for the command if needed),
-    reached with the password kept in its data folder."""
-    import redis
-
+    reached with the password kept in its data folder. A cluster node's URL gives a
+    cluster client (livegift.store)."""
     from livegift.embedded import EmbeddedError, EmbeddedRedis
 
     embedded = None
@@ -94,7 +93,14 @@ def _data_store(settings: Settings) -> Any:
             url = embedded.start()
         except EmbeddedError as exc:
             raise SystemExit(f"livegift: {exc}") from None
-    client = redis.Redis.from_url(url)
+    from livegift.store import connect_sync
+
+    try:
+        client = connect_sync(url)
+    except Exception:
+        if embedded is not None:
+            embedded.stop()
+        raise
     try:
         yield client, url
     finally:
@@ -117,15 +123,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_payout(args: argparse.Namespace) -> int:
-    from redis.asyncio import Redis
-
     from livegift.errors import LiveGiftError
     from livegift.ledger import Ledger
+    from livegift.store import connect
 
     settings = _settings()
 
     async def settle(url: str) -> dict[str, Any]:
-        client = Redis.from_url(url)
+        client = await connect(url, 4)
         try:
             return await Ledger(client, settings, default_catalog()).settle_payout(
                 args.payout, args.outcome

@@ -17,7 +17,7 @@ from livegift.catalog import default_catalog
 from livegift.config import Settings
 from livegift.errors import LiveGiftError
 from livegift.ledger import Ledger
-from livegift.services import connect
+from livegift.store import connect
 from livegift.streams import Streams
 
 log = logging.getLogger("livegift.demo")
@@ -42,7 +42,7 @@ class DemoInfo:
 async def seed(settings: Settings) -> DemoInfo:
     """Create the live demo room, its creator, and viewers with coins (idempotent)."""
     assert settings.redis_url
-    redis = connect(settings.redis_url, 4)
+    redis = await connect(settings.redis_url, 4)
     catalog = default_catalog()
     ledger = Ledger(redis, settings, catalog)
     streams = Streams(redis, settings)
@@ -83,7 +83,7 @@ async def simulate_gifters(
 
 async def _top_up(settings: Settings, user: User) -> None:
     assert settings.redis_url
-    redis = connect(settings.redis_url, 2)
+    redis = await connect(settings.redis_url, 2)
     try:
         catalog = default_catalog()
         receipt = auth.mint_receipt(settings.payment_secret, catalog, user.id, "p6607")

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from livegift import keys
 from livegift.auth import Receipt, User
@@ -24,6 +23,7 @@ from livegift.errors import NotFound
 from livegift.money import PayoutSplit
 from livegift.pipeline import Pipeliner
 from livegift.scripts import Scripts, store_errors
+from livegift.store import Store
 from livegift.streams import room_creator
 
 PAYOUT_IDEMPOTENCY_SECONDS = 2 * DAY_SECONDS
@@ -120,7 +120,7 @@ class Ledger:
     """Money operations on one client; ``scripts`` may be shared with :class:`Streams`."""
 
     def __init__(
-        self, redis: Redis, settings: Settings, catalog: Catalog, scripts: Scripts | None = None
+        self, redis: Store, settings: Settings, catalog: Catalog, scripts: Scripts | None = None
     ) -> None:
         # redis-py's return types are loose unions; reads here check shapes themselves.
         self.redis: Any = redis
@@ -260,7 +260,7 @@ class Ledger:
         return [orjson.loads(row) for row in rows if row]
 
 
-async def _entries(redis: Redis, sids: list[bytes]) -> list[dict[str, Any]]:
+async def _entries(redis: Any, sids: list[bytes]) -> list[dict[str, Any]]:
     async with redis.pipeline(transaction=False) as pipe:
         for sid in sids:
             pipe.xrange(keys.LEDGER, sid, sid)

@@ -22,11 +22,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from livegift import events, keys
 from livegift.hub import Hub
+from livegift.store import Store
 
 log = logging.getLogger("livegift.liveliness")
 
@@ -40,7 +40,7 @@ TopRows = Callable[[str], Awaitable[list[tuple[str, str, int]]]]
 
 
 class Liveliness:
-    def __init__(self, hub: Hub, redis: Redis, top_rows: TopRows) -> None:
+    def __init__(self, hub: Hub, redis: Store, top_rows: TopRows) -> None:
         self.hub = hub
         self.redis = redis
         self.top_rows = top_rows
@@ -112,7 +112,7 @@ class Liveliness:
             beat += 1
             try:
                 await self.tick(viewers=beat % VIEWERS_EVERY == 0)
-            except (OSError, RedisError) as exc:
+            except (OSError, RedisError, RedisClusterException) as exc:
                 log.warning("liveliness tick skipped: data store unavailable (%s)", exc)
             except Exception:
                 log.exception("liveliness tick failed")

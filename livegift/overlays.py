@@ -17,7 +17,7 @@ from typing import Any, Final
 import orjson
 
 from livegift import keys
-from livegift.scripts import store_errors
+from livegift.scripts import Scripts, store_errors
 
 KEY_BYTES: Final = 24
 # The announced id: a prefix of the key's hash, enough to tell two keys apart.
@@ -42,11 +42,9 @@ async def rotate(redis: Any, user: str) -> str:
     key = secrets.token_urlsafe(KEY_BYTES)
     hashed = digest(key)
     notice = orjson.dumps({"type": REVOKED, "id": key_id(hashed)})
-    with store_errors():
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.overlay_key(user), hashed)
-            pipe.publish(keys.creator_channel(user), notice)
-            await pipe.execute()
+    await Scripts(redis).call(
+        "overlay_rotate", [keys.overlay_key(user)], [hashed, keys.creator_channel(user), notice]
+    )
     return key
 
 

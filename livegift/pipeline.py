@@ -3,6 +3,12 @@
 :class:`Pipeliner` sends the calls made in one loop tick as one write on one pooled
 connection; :func:`pack_evalsha` packs each call by hand (every argument is a str, int or
 bytes), which costs a fraction of redis-py's general packer on the gift hot path.
+
+On a Redis Cluster the calls are grouped by the master that serves their keys' slot
+(each call's keys share one slot) and each group goes to a connection of that master.
+A MOVED, ASK, TRYAGAIN or CLUSTERDOWN reply, or a failed connection, fails those callers
+(``store_errors`` makes it ``unavailable``; they retry with the same req, which the
+scripts' idempotency makes safe) and refreshes the client's slot map for the next batch.
 """
 
 from __future__ import annotations
@@ -11,9 +17,16 @@ import asyncio
 from typing import Any
 
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import AsyncScript
 
+from livegift import store
+
 _Call = tuple[list[str], list[Any], asyncio.Future[Any]]
+
+# Replies after which the client's idea of who serves a slot is stale, or the cluster is
+# between owners: fail the call (nothing ran) and refresh the slot map.
+_REROUTE = (redis_errors.AskError, redis_errors.TryAgainError, redis_errors.ClusterError)
 
 
 def _bulk(value: str | int | bytes) -> bytes:
@@ -45,6 +58,7 @@ class Pipeliner:
         self.script = script
         self.pending: list[_Call] = []
         self.tasks: set[asyncio.Task[None]] = set()
+        self._refresh = store.Refresher(redis) if isinstance(redis, RedisCluster) else None
 
     def call(self, keys_: list[str], args: list[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -62,8 +76,11 @@ class Pipeliner:
 
     async def _run(self, batch: list[_Call]) -> None:
         try:
-            results = await self._pipeline(batch)
-        except redis_errors.RedisError as exc:
+            if self._refresh is None:
+                results = await self._pipeline(batch)
+            else:
+                results = await self._cluster_pipeline(batch)
+        except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
             results = [exc] * len(batch)
         except OSError as exc:
             results = [redis_errors.ConnectionError(str(exc))] * len(batch)
@@ -86,10 +103,58 @@ class Pipeliner:
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         # The commands are packed here and sent in one write on one pooled connection;
         # redis-py's general packer was a fifth of the server's CPU at 5,000 gifts/s.
-        sha = self.script.sha
-        payload = b"".join(pack_evalsha(sha, keys_, args) for keys_, args, _ in batch)
         pool = self.redis.connection_pool
         conn = await pool.get_connection()
+        try:
+            results = await self._exchange(conn, batch)
+        finally:
+            await pool.release(conn)
+        if any(isinstance(r, redis_errors.NoScriptError) for r in results):
+            await self._rerun_without_script(batch, results)
+        return results
+
+    async def _cluster_pipeline(self, batch: list[_Call]) -> list[Any]:
+        """One write per master: each call goes to the master of its keys' slot."""
+        groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+        results: list[Any] = [None] * len(batch)
+        for i, (keys_, _, _) in enumerate(batch):
+            try:
+                node = store.node_for(self.redis, keys_[0])
+            except redis_errors.RedisClusterException as exc:
+                results[i] = exc
+                continue
+            groups.setdefault(node.name, (node, []))[1].append(i)
+        outcomes = await asyncio.gather(
+            *(self._to_node(node, [batch[i] for i in idx]) for node, idx in groups.values()),
+            return_exceptions=True,
+        )
+        for (_, idx), outcome in zip(groups.values(), outcomes, strict=True):
+            for n, i in enumerate(idx):
+                results[i] = outcome if isinstance(outcome, BaseException) else outcome[n]
+        if any(isinstance(r, (_REROUTE, redis_errors.ConnectionError, redis_errors.TimeoutError,
+                              redis_errors.RedisClusterException)) for r in results):  # fmt: skip
+            assert self._refresh is not None
+            self._refresh()
+        if any(isinstance(r, redis_errors.NoScriptError) for r in results):
+            # A promoted replica or a restarted master has no scripts (they are not
+            # replicated): load on every master, rerun those calls through redis-py.
+            await self._rerun_without_script(batch, results)
+        return results
+
+    async def _to_node(self, node: ClusterNode, batch: list[_Call]) -> list[Any]:
+        # One of the client's command slots (livegift.store.Cluster), so that this
+        # connection is never the one past the node's cap.
+        async with store.gate(self.redis):
+            conn = node.acquire_connection()
+            try:
+                return await self._exchange(conn, batch)
+            finally:
+                node.release(conn)
+
+    async def _exchange(self, conn: Any, batch: list[_Call]) -> list[Any]:
+        """Send the batch in one write, read one reply per call (errors as values)."""
+        sha = self.script.sha
+        payload = b"".join(pack_evalsha(sha, keys_, args) for keys_, args, _ in batch)
         results: list[Any] = []
         try:
             await conn.send_packed_command(payload)
@@ -101,18 +166,17 @@ class Pipeliner:
         except BaseException:
             await conn.disconnect()
             raise
-        finally:
-            await pool.release(conn)
-        if any(isinstance(r, redis_errors.NoScriptError) for r in results):
-            await self._rerun_without_script(batch, results)
         return results
 
     async def _rerun_without_script(self, batch: list[_Call], results: list[Any]) -> None:
         """Redis restarted or failed over without the script: load it, rerun those calls."""
-        await self.redis.script_load(self.script.script)
+        try:
+            await self.redis.script_load(self.script.script)
+        except (redis_errors.RedisError, redis_errors.RedisClusterException):
+            return  # the calls keep their NOSCRIPT (unavailable); the next batch loads it
         for i, (keys_, args, _) in enumerate(batch):
             if isinstance(results[i], redis_errors.NoScriptError):
                 try:
                     results[i] = await self.script(keys=keys_, args=args)
-                except redis_errors.RedisError as exc:
+                except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
                     results[i] = exc

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import redis
+import redis.cluster
 from tqdm import tqdm
 
 from livegift import keys
@@ -206,7 +207,9 @@ def _snapshots(client: Any, names: list[str], read: Any) -> Iterator[_Snapshot]:
         yield _Snapshot(int(at or 0), dict(zip(chunk, rows, strict=True)))
 
 
-def reconcile(redis_client: redis.Redis, progress: TextIO | None = sys.stderr) -> Report:
+def reconcile(
+    redis_client: redis.Redis | redis.cluster.RedisCluster, progress: TextIO | None = sys.stderr
+) -> Report:
     """Check the live data store against its ledger; the report lists what disagrees."""
     client: Any = redis_client
     started = time.perf_counter()

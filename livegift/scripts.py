@@ -15,7 +15,6 @@ from importlib import resources
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from livegift.errors import LiveGiftError, Unavailable, from_code
@@ -41,12 +40,34 @@ def script_names() -> list[str]:
     )
 
 
-def _store_error(exc: redis_errors.RedisError) -> LiveGiftError:
-    """A script's error reply or a connection failure, as an exception of the tree."""
+# Failures of a cluster that is down, failing over or resharding: nothing the caller did
+# wrong, and a retry with the same req/txn/Idempotency-Key is safe (the scripts are
+# idempotent). MovedError/AskError reach us only when redis-py's own redirects ran out
+# or a hand-sent batch (livegift.pipeline) met them. RedisClusterException and its
+# SlotNotCoveredError are not RedisErrors at all.
+CLUSTER_FAILURES: tuple[type[Exception], ...] = (
+    redis_errors.ClusterError,  # ClusterDownError, MasterDownError, "TTL exhausted"
+    redis_errors.TryAgainError,
+    redis_errors.AskError,  # and MovedError
+    redis_errors.RedisClusterException,  # and SlotNotCoveredError
+    # A promoted replica has no scripts (they are not replicated) until they are loaded.
+    redis_errors.NoScriptError,
+)
+# Everything store_errors() turns into one of ours.
+STORE_FAILURES: tuple[type[Exception], ...] = (
+    redis_errors.RedisError,
+    redis_errors.RedisClusterException,
+)
+
+
+def _store_error(exc: Exception) -> LiveGiftError:
+    """A script's error reply or a failure to reach the store, as an exception of the tree."""
     if isinstance(exc, redis_errors.OutOfMemoryError):
         # At maxmemory (noeviction) Redis refuses writes; a script fails at its first
         # write, having changed nothing. Reads still work (redis.conf, docs/money.md).
         return Unavailable("the data store is full: writes are refused until memory is freed")
+    if isinstance(exc, CLUSTER_FAILURES):
+        return Unavailable(f"data store cluster unavailable: {exc.__class__.__name__}")
     if isinstance(exc, redis_errors.ResponseError):
         text = str(exc)
         code, _, message = text.partition(" ")
@@ -62,14 +83,14 @@ def store_errors() -> Iterator[None]:
     """Raise what the data store answers inside the block as :class:`LiveGiftError`."""
     try:
         yield
-    except redis_errors.RedisError as exc:
+    except STORE_FAILURES as exc:
         raise _store_error(exc) from None
 
 
 class Scripts:
     """The scripts registered on one client; each reloads itself after NOSCRIPT."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Any) -> None:
         self.redis = redis
         self._registered: dict[str, AsyncScript] = {}
 

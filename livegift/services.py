@@ -6,10 +6,11 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import RedisError
+from redis.asyncio import Redis
+from redis.exceptions import RedisClusterException, RedisError
 
 from livegift.admission import Admission
 from livegift.broker import Broker
@@ -21,6 +22,7 @@ from livegift.hub import Hub
 from livegift.ledger import Ledger
 from livegift.liveliness import Liveliness
 from livegift.scripts import Scripts
+from livegift.store import Store, connect, is_cluster, subscriber_factory
 from livegift.streams import Streams
 
 log = logging.getLogger("livegift")
@@ -29,19 +31,12 @@ log = logging.getLogger("livegift")
 EXPIRY_TICK = 1.0
 
 
-def connect(url: str, max_connections: int) -> Redis:
-    """A client whose pool waits for a free connection instead of failing at the cap."""
-    pool = BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=10, health_check_interval=30
-    )
-    return Redis(connection_pool=pool)
-
-
 @dataclass
 class Services:
     settings: Settings
     catalog: Catalog
-    redis: Redis
+    # A single Redis or a Redis Cluster (livegift.store).
+    redis: Store
     ledger: Ledger
     streams: Streams
     hub: Hub
@@ -65,19 +60,26 @@ class Services:
     async def start(cls, settings: Settings) -> Services:
         if not settings.redis_url:
             raise RuntimeError("REDIS_URL is not set (livegift serve sets it for you)")
-        redis = connect(settings.redis_url, settings.redis_max_connections)
+        redis = await connect(settings.redis_url, settings.redis_max_connections)
         catalog = default_catalog()
         scripts = Scripts(redis)
         ledger = Ledger(redis, settings, catalog, scripts)
         streams = Streams(redis, settings, scripts)
         try:
             await scripts.load()
-        except (OSError, RedisError) as exc:
+        except (OSError, RedisError, RedisClusterException) as exc:
             # Not fatal: scripts load themselves on first use once Redis is reachable.
             log.warning("could not preload Lua scripts: %s", exc)
-        pubsub_redis = Redis.from_url(settings.redis_url)
+        # Pub/sub: on one server a plain client of its own (which also reads room seqs and
+        # history); on a cluster a plain client to one node at a time (another after a
+        # loss), with room reads through the cluster client.
+        if is_cluster(redis):
+            subscriber = subscriber_factory(redis, settings.redis_url)
+            broker = partial(Broker, redis, subscriber=subscriber)
+        else:
+            broker = partial(Broker, Redis.from_url(settings.redis_url))
         hub = Hub(
-            lambda on_message, on_reconnect: Broker(pubsub_redis, on_message, on_reconnect),
+            broker,
             batch_ms=settings.batch_ms,
             max_batch_ms=settings.max_batch_ms,
             send_limit=settings.send_buffer_limit,

@@ -15,7 +15,6 @@ import contextlib
 import secrets
 from typing import Any, cast
 
-from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
 
 from livegift import keys
@@ -23,6 +22,7 @@ from livegift.auth import User
 from livegift.config import Settings
 from livegift.errors import NotFound, Unavailable
 from livegift.scripts import Scripts, store_errors
+from livegift.store import Store
 
 # Tries at going live while the creator's live stream keeps changing under the call. A
 # try fails only when another go-live of the same creator succeeded since its read, so
@@ -52,7 +52,7 @@ async def room_creator(redis: Any, room: str) -> str | None:
 
 
 class Streams:
-    def __init__(self, redis: Redis, settings: Settings, scripts: Scripts | None = None) -> None:
+    def __init__(self, redis: Store, settings: Settings, scripts: Scripts | None = None) -> None:
         # redis-py's return types are loose unions; reads here check shapes themselves.
         self.redis: Any = redis
         self.settings = settings

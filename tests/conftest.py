@@ -24,6 +24,7 @@ import pytest
 from livegift import auth
 from livegift.catalog import default_catalog
 from livegift.embedded import STATE_FILE, EmbeddedRedis, free_port
+from tests.cluster import valkey_cluster_fixture  # noqa: F401  (the fixture `valkey_cluster`)
 
 SECRET = "test-secret-0123456789abcdef0123456789"
 PAYMENT_SECRET = "test-payment-secret-0123456789abcdef01"
@@ -49,9 +50,44 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server.stop()
 
 
+# LIVEGIFT_TEST_CLUSTER=1: the data store of the run is a 3-master, 3-replica Valkey
+# Cluster (tests/cluster.py) instead of one embedded server, and only the modules below
+# run (scripts/test runs them both ways). The others stay on one server: they need the
+# embedded server itself (its password, maxmemory, a kill -9, the CLI's discovery), use
+# db numbers or plain clients, or kill cluster nodes themselves (test_cluster_*.py).
+CLUSTER = os.environ.get("LIVEGIFT_TEST_CLUSTER") == "1"
+CLUSTER_MODULES = frozenset(
+    {
+        "test_ws.py",
+        "test_http.py",
+        "test_transactions_http.py",
+        "test_payouts_http.py",
+        "test_liveliness.py",
+        "test_tokens_overlay.py",
+        "test_ws_asgi.py",
+        "test_workers.py",
+        "test_ledger.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not CLUSTER:
+        return
+    kept = [item for item in items if item.path.name in CLUSTER_MODULES]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(
+            items=[i for i in items if i.path.name not in CLUSTER_MODULES]
+        )
+        items[:] = kept
+
+
 @pytest.fixture(scope="session")
-def redis_url(redis_server: EmbeddedRedis) -> str:
-    return redis_server.url
+def redis_url(request: pytest.FixtureRequest) -> str:
+    if CLUSTER:
+        return str(request.getfixturevalue("valkey_cluster").url)
+    server: EmbeddedRedis = request.getfixturevalue("redis_server")
+    return server.url
 
 
 class LiveServer:

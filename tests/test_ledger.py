@@ -9,10 +9,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
-import redis as sync_redis
-from redis.asyncio import Redis
 
-from livegift import auth, keys
+from livegift import auth, keys, store
 from livegift.auth import User
 from livegift.catalog import default_catalog
 from livegift.config import Settings
@@ -27,7 +25,8 @@ from livegift.ledger import Ledger
 from livegift.money import payout_split
 from livegift.reconcile import reconcile
 from livegift.streams import Streams
-from tests.conftest import PAYMENT_SECRET, ROOT, SECRET, uid
+from tests.cluster import ValkeyCluster
+from tests.conftest import CLUSTER, PAYMENT_SECRET, ROOT, SECRET, uid
 
 SETTINGS = Settings(secret=SECRET, payment_secret=PAYMENT_SECRET, gift_rate=1000, gift_burst=1000)
 
@@ -36,9 +35,20 @@ def db_url(redis_url: str, db: int) -> str:
     return redis_url.rsplit("/", 1)[0] + f"/{db}"
 
 
+@pytest.fixture(scope="module")
+def ledger_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A data store each test empties: db 5 of the shared server, or on the cluster run
+    (a cluster has only db 0) a cluster of this module's own."""
+    if not CLUSTER:
+        yield db_url(request.getfixturevalue("redis_url"), 5)
+        return
+    with ValkeyCluster(root=tmp_path_factory.mktemp("ledger-cluster")) as cluster:
+        yield cluster.url
+
+
 @pytest.fixture
-async def ledger(redis_url: str) -> AsyncIterator[Ledger]:
-    client = Redis.from_url(db_url(redis_url, 5))
+async def ledger(ledger_url: str) -> AsyncIterator[Ledger]:
+    client = await store.connect(ledger_url, 16)
     await client.flushdb()
     yield Ledger(client, SETTINGS, default_catalog())
     await client.aclose()
@@ -103,12 +113,15 @@ async def test_payouts_math_limits_idempotency_and_settlement(
         await capped.create_payout(creator, "po_5", payout_split(12_000, 5000), "fp6", "key-5")
     paid = await capped.settle_payout("po_4", "paid")
     assert paid["status"] == "paid"
-    report = reconcile(sync_redis.Redis.from_url(db_url_of(ledger)), progress=None)
+    report = reconcile(store.connect_sync(db_url_of(ledger)), progress=None)
     assert report.ok, report.render()
     assert report.held == 30_000
 
 
 def db_url_of(ledger: Ledger) -> str:
+    if store.is_cluster(ledger.redis):
+        node = ledger.redis.get_default_node()
+        return f"redis://{node.host}:{node.port}/0"
     kw = ledger.redis.connection_pool.connection_kwargs
     password = f":{kw['password']}@" if kw.get("password") else ""
     return f"redis://{password}{kw['host']}:{kw['port']}/{kw['db']}"
@@ -135,9 +148,9 @@ async def test_reconcile_names_the_account_that_differs(ledger: Ledger, redis_ur
     fan = User(uid("f"), "F")
     await buy(ledger, fan, "p65")
     url = db_url_of(ledger)
-    assert reconcile(sync_redis.Redis.from_url(url), progress=None).ok
+    assert reconcile(store.connect_sync(url), progress=None).ok
     await ledger.redis.hincrby(keys.wallet(fan.id), "coins", 5)  # tamper outside a script
-    report = reconcile(sync_redis.Redis.from_url(url), progress=None)
+    report = reconcile(store.connect_sync(url), progress=None)
     assert not report.ok
     assert any(fan.id in p for p in report.problems)
     cli = subprocess.run(
@@ -181,7 +194,7 @@ async def test_reconcile_is_consistent_while_money_moves(ledger: Ledger, streams
             await fast.settle_payout(f"po_live{n}", "paid" if n % 4 == 0 else "failed")
 
     tasks = [asyncio.create_task(gifting(f)) for f in fans] + [asyncio.create_task(cashing_out())]
-    client = sync_redis.Redis.from_url(db_url_of(ledger))
+    client = store.connect_sync(db_url_of(ledger))
     try:
         await asyncio.sleep(0.2)
         reports = [await asyncio.to_thread(reconcile, client, None) for _ in range(4)]
@@ -200,7 +213,7 @@ class PayoutsListed:
     """A reconcile client that runs ``then`` once, right after reconcile lists the payouts:
     after its first pass over the ledger, before its catch-up reads the entries since."""
 
-    def __init__(self, client: sync_redis.Redis, then: Callable[[], None]) -> None:
+    def __init__(self, client: Any, then: Callable[[], None]) -> None:
         self.client, self.then = client, then
         self.ran = False
 
@@ -251,7 +264,7 @@ async def test_reconcile_judges_payouts_created_after_it_lists_them(
     def then() -> None:
         asyncio.run_coroutine_threadsafe(meanwhile(), loop).result(timeout=30)
 
-    client = sync_redis.Redis.from_url(db_url_of(ledger))
+    client = store.connect_sync(db_url_of(ledger))
     proxy: Any = PayoutsListed(client, then)
     report = await asyncio.to_thread(reconcile, proxy, None)
     client.close()
@@ -269,7 +282,7 @@ async def test_reconcile_reports_an_unknown_kind(ledger: Ledger) -> None:
     """An entry of a kind reconcile does not know is an error, not a payout."""
     fan = User(uid("f"), "F")
     await buy(ledger, fan, "p65")
-    client = sync_redis.Redis.from_url(db_url_of(ledger))
+    client = store.connect_sync(db_url_of(ledger))
     assert reconcile(client, progress=None).ok
     r: Any = ledger.redis
     n = await r.incr(keys.ENTRY_SEQ)
@@ -321,7 +334,7 @@ async def test_reconcile_catches_tampering(ledger: Ledger, streams: Streams, how
     await ledger.create_payout(creator, "po_a", split, "fp", "ka")
     await ledger.create_payout(creator, "po_b", split, "fp", "kb")
     await ledger.settle_payout("po_a", "failed")
-    client = sync_redis.Redis.from_url(db_url_of(ledger))
+    client = store.connect_sync(db_url_of(ledger))
     assert reconcile(client, progress=None).ok
     r: Any = ledger.redis
     entries = await r.xrange(keys.LEDGER)  # purchase, debit, credit, payout, payout, reversal

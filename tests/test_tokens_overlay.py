@@ -16,10 +16,10 @@ from typing import Any
 
 import jwt
 import pytest
-import redis
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from livegift import keys
+from livegift.store import connect_sync
 from tests.conftest import LiveServer, uid, unit
 from tests.wsclient import Client
 
@@ -175,7 +175,7 @@ async def test_overlay_key_follows_the_creator_across_streams(
     assert len(key) >= 22  # at least 128 random bits, url-safe base64
     assert made["url"] == f"{live_server.base_url}/overlay/u/{creator}?key={key}"
     assert "token" not in made["url"]
-    stored = redis.Redis.from_url(redis_url).get(keys.overlay_key(creator))
+    stored = connect_sync(redis_url).get(keys.overlay_key(creator))
     assert stored == hashlib.sha256(key.encode()).hexdigest().encode()  # only the hash
 
     overlay = await Client.open(follow_url(live_server, creator, key))

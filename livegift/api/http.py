@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from livegift import auth, keys, overlays, payouts
+from livegift import auth, keys, overlays, payouts, store
 from livegift.auth import User
 from livegift.errors import (
     BadRequest,
@@ -78,8 +78,8 @@ async def json_body(request: Request) -> dict[str, Any]:
 
 async def healthz(request: Request) -> Response:
     try:
-        await services_of(request).redis.ping()
-    except (redis_errors.RedisError, OSError):
+        await store.ping(services_of(request).redis)
+    except (redis_errors.RedisError, redis_errors.RedisClusterException, OSError):
         return JSONResponse(
             {"status": "unavailable", **Unavailable("the data store is unreachable").body()},
             status_code=503,
