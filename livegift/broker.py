@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from livegift import keys
+from livegift.errors import Unavailable
 from livegift.metrics import REDIS_ERRORS
 from livegift.scripts import store_errors
 
@@ -37,6 +38,9 @@ OnData = Callable[[bytes], None]
 
 
 class Broker:
+    # How long a subscribe waits for the data store to confirm it.
+    confirm_timeout = 10.0
+
     def __init__(
         self,
         redis: Any,
@@ -107,10 +111,15 @@ class Broker:
         self._refs[channel] = self._refs.get(channel, 0) + 1
         future = asyncio.get_running_loop().create_future()
         self._confirm[channel] = future
-        async with self._lock:
-            await self._pubsub.subscribe(channel)
-        self._wake.set()
-        await asyncio.wait_for(future, timeout=10)
+        try:
+            with store_errors():
+                async with self._lock:
+                    await self._pubsub.subscribe(channel)
+                self._wake.set()
+                await asyncio.wait_for(future, timeout=self.confirm_timeout)
+        except TimeoutError:
+            # A join waiting on this answers 1013, like any other data-store outage.
+            raise Unavailable("the data store did not confirm the subscription") from None
 
     def _release(self, channel: bytes) -> bool:
         """Drop one reference; True when it was the last."""

@@ -350,3 +350,33 @@ async def test_push_counts_and_drain(hub: Hub, room: str) -> None:
     hub.drain()
     assert a.closes == b.closes == [(disconnect.TRY_AGAIN_LATER, "server shutting down")]
     assert disconnect.TRY_AGAIN_LATER.code == 1013
+
+
+async def test_a_subscribe_the_store_never_confirms_is_unavailable(tmp_path: Any) -> None:
+    """A frozen data store: the join's subscribe gives up as `unavailable` (close 1013),
+    never a bare timeout (1011)."""
+    import os
+    import signal
+
+    from livegift.embedded import EmbeddedRedis
+    from livegift.errors import Unavailable
+
+    server = EmbeddedRedis(tmp_path / "data")
+    url = server.start()
+    assert server.process is not None
+    client = Redis.from_url(url)
+    broker = Broker(client, lambda room, data: None, lambda: None)
+    broker.confirm_timeout = unit(0.5)
+    try:
+        await broker.start()
+        await broker.subscribe("alive")  # confirmed while the store answers
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(Unavailable):
+                await broker.subscribe("frozen")
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+    finally:
+        await broker.close()
+        await client.aclose()
+        server.stop()
