@@ -62,6 +62,13 @@ async def run_or_close(sink: Sink, step: Awaitable[None], what: str) -> None:
         sink.close(disconnect.SERVER_ERROR)
 
 
+def close_too_slow(sink: Sink) -> None:
+    """The client's unsent data passed the bound: count it and close 4008."""
+    if not sink.closed:
+        SLOW_CLOSES.inc()
+        sink.close(disconnect.TOO_SLOW)
+
+
 class Flow(Protocol):
     """Read flow control offered by a driver that can pause its socket."""
 
@@ -218,9 +225,7 @@ class Connection:
 
     def too_slow(self) -> None:
         """The driver saw the client's unsent data pass the bound."""
-        if not self.sink.closed:
-            SLOW_CLOSES.inc()
-            self.sink.close(disconnect.TOO_SLOW)
+        close_too_slow(self.sink)
 
     def closed(self) -> None:
         """The socket is gone: leave the room and drop waiting ops. Safe to call twice."""

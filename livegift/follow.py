@@ -33,11 +33,11 @@ import orjson
 
 from livegift import disconnect, events, keys, overlays
 from livegift.api.handshake import FollowJoin, welcome
-from livegift.connection import MAX_QUEUED_OPS, Flow, run_or_close
+from livegift.connection import MAX_QUEUED_OPS, Flow, close_too_slow, run_or_close
 from livegift.disconnect import Close
 from livegift.errors import BadRequest, Forbidden, LiveGiftError, Unauthorized, Unavailable
 from livegift.hub import Member, Sink
-from livegift.metrics import BAD_FRAMES, CONNECTIONS, SLOW_CLOSES
+from livegift.metrics import BAD_FRAMES, CONNECTIONS
 from livegift.protocol import Wire, ack_error, read_req
 
 if TYPE_CHECKING:
@@ -230,16 +230,7 @@ class Follow:
 
     def background(self, work: Awaitable[None]) -> None:
         """Run a switch; its failure closes the socket as the error says."""
-        self.services.following.spawn(self._guard(work))
-
-    async def _guard(self, work: Awaitable[None]) -> None:
-        try:
-            await work
-        except LiveGiftError as exc:
-            self.sink.close(exc.close, exc.message[:100])
-        except Exception:
-            log.exception("overlay connection failed")
-            self.sink.close(disconnect.SERVER_ERROR)
+        self.services.following.spawn(run_or_close(self.sink, work, "overlay switch failed"))
 
     # -- ops: none allowed ---------------------------------------------------------------
 
@@ -274,9 +265,7 @@ class Follow:
     # -- leave ---------------------------------------------------------------------------
 
     def too_slow(self) -> None:
-        if not self.sink.closed:
-            SLOW_CLOSES.inc()
-            self.sink.close(disconnect.TOO_SLOW)
+        close_too_slow(self.sink)
 
     def closed(self) -> None:
         """The socket is gone: leave the room and the creator's feed. Safe to call twice."""
