@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from livegift import auth, serve
+from livegift import auth, disconnect, serve
 from livegift.catalog import default_catalog
 from livegift.config import ConfigError, Settings, quiet_settings
 from livegift.terminal import safe
@@ -179,7 +179,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         code = exc.rcvd.code if exc.rcvd else 1006
         reason = exc.rcvd.reason if exc.rcvd else ""
         print(f"livegift watch: closed {code} {safe(reason)}", file=sys.stderr)
-        return 0 if code == 1000 else 1
+        return 0 if code == disconnect.NORMAL.code else 1
     except OSError as exc:
         print(f"livegift watch: cannot connect to {args.url}: {exc}", file=sys.stderr)
         return 1
