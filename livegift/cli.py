@@ -125,16 +125,16 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 def cmd_payout(args: argparse.Namespace) -> int:
     from livegift.errors import LiveGiftError
     from livegift.ledger import Ledger
-    from livegift.store import connect
+    from livegift.store import connect, replicas
 
     settings = _settings()
 
     async def settle(url: str) -> dict[str, Any]:
         client = await connect(url, 4)
         try:
-            return await Ledger(client, settings, default_catalog()).settle_payout(
-                args.payout, args.outcome
-            )
+            waits = await replicas(client, settings.wait_replicas)
+            ledger = Ledger(client, settings, default_catalog(), replicas=waits)
+            return await ledger.settle_payout(args.payout, args.outcome)
         finally:
             await client.aclose()
 

@@ -79,6 +79,16 @@ class Settings:
     # Seconds between pings to an idle WebSocket; one silent for two intervals is dropped.
     ping_interval: int = env("LIVEGIFT_PING_INTERVAL", 20, minimum=1)
     redis_max_connections: int = env("LIVEGIFT_REDIS_CONNECTIONS", 64, minimum=2)
+    # Durability (PROTOCOL §7): replicas that must confirm each purchase, gift and payout
+    # before it is answered; -1: as many as the store has (1 when every master has a
+    # replica, else 0). A write no replica confirms within wait_timeout_ms is answered
+    # `unavailable` (a retry with the same req gives its true outcome).
+    wait_replicas: int = env("LIVEGIFT_WAIT_REPLICAS", -1, minimum=-1)
+    wait_timeout_ms: int = env("LIVEGIFT_WAIT_TIMEOUT_MS", 1000, minimum=1)
+    # Seconds between two sweeps of the gift outboxes (transfers a crash left between
+    # their two steps; livegift.ledger.Ledger.sweep), and how old a transfer must be.
+    sweep_interval: int = env("LIVEGIFT_SWEEP_INTERVAL", 5, minimum=1)
+    sweep_age_ms: int = env("LIVEGIFT_SWEEP_AGE_MS", 3000, minimum=1)
     # Limits (livegift.api.guard, livegift.admission). Open connections of one user in
     # this process (PROTOCOL §8), and of everyone (HTTP and WebSocket): past them, 429 / 503.
     max_connections_per_user: int = env("LIVEGIFT_MAX_CONNECTIONS_PER_USER", 16, minimum=1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import orjson
 import websockets
 
-from livegift import auth, overlays
+from livegift import auth, keys, overlays
 from livegift.auth import User
 from livegift.catalog import default_catalog
 from livegift.config import Settings
@@ -22,7 +22,8 @@ from livegift.streams import Streams
 
 log = logging.getLogger("livegift.demo")
 
-ROOM = "demo"
+# The demo room: "demo" after its creator's partition code (keys.new_room_id).
+ROOM = keys.new_room_id("demo_creator", "demo")
 CREATOR = User("demo_creator", "Demo Creator")
 VIEWERS = [("alice", "Alice"), ("bob", "Bob"), ("carol", "Carol"), ("dave", "Dave")]
 BOTS = [("bot_rose", "Rosie Bot"), ("bot_fan", "Superfan Bot"), ("bot_whale", "Whale Bot")]

@@ -94,7 +94,7 @@ class Unwatched:
 class Hub:
     def __init__(
         self,
-        broker_factory: Callable[[Callable[[str, bytes], None], Callable[[], None]], Broker],
+        broker_factory: Callable[[Callable[[str, bytes], None], Callable[[str], None]], Broker],
         *,
         batch_ms: int,
         max_batch_ms: int = 100,
@@ -134,6 +134,12 @@ class Hub:
     def counts(self) -> dict[str, int]:
         """Members per room in this process, for every room whose subscription is up."""
         return {room.id: room.count() for room in self.rooms.values() if room.ready.done()}
+
+    def has_ended(self, room_id: str) -> bool:
+        """Whether this process has delivered the room's stream_ended (a gift to it then
+        fails at once instead of being debited and given back)."""
+        room = self.rooms.get(room_id)
+        return room is not None and room.ended
 
     def push(self, room_id: str, data: bytes) -> bool:
         """Queue one event made by this process (JSON, no seq) for the room's next batch.
@@ -282,11 +288,12 @@ class Hub:
         elif room.ready.done():  # a live event: no order to keep, nothing to fill
             self._queue(room, 0, data)
 
-    def on_reconnect(self) -> None:
-        """Pub/sub came back: anything published meanwhile is fetched from history."""
-        for room in list(self.rooms.values()):
-            if room.seq.reconnect():
-                self._spawn(self._fill(room, check_head=True))
+    def on_reconnect(self, room_id: str) -> None:
+        """The room's subscription came back: what was published meanwhile comes from
+        history."""
+        room = self.rooms.get(room_id)
+        if room is not None and room.seq.reconnect():
+            self._spawn(self._fill(room, check_head=True))
 
     def _read(self, room_id: str, data: bytes, live: bool = False) -> tuple[int, Item] | None:
         """(seq, (type, bytes)) of a durable event, or with ``live`` (0, ...) of a live one

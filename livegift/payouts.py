@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from livegift import keys
 from livegift.auth import User
 from livegift.errors import BadRequest
 from livegift.money import payout_split
@@ -45,7 +46,7 @@ async def create(
     if key is not None and not 1 <= len(key) <= MAX_KEY:
         raise BadRequest(f"Idempotency-Key must be 1-{MAX_KEY} characters")
     split = payout_split(diamonds, services.settings.commission_bps)
-    payout_id = "po_" + secrets.token_hex(8)
+    payout_id = keys.new_payout_id(user.id, secrets.token_hex(8))
     payout, _replayed = await services.ledger.create_payout(
         user, payout_id, split, fingerprint(body), key or f"auto-{payout_id}"
     )

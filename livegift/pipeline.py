@@ -1,14 +1,19 @@
-"""Batching one script's calls into pipelines, and the RESP packing that sends them.
+"""Batching money scripts into pipelines, with a WAIT for a replica after each batch.
 
-:class:`Pipeliner` sends the calls made in one loop tick as one write on one pooled
-connection; :func:`pack_evalsha` packs each call by hand (every argument is a str, int or
-bytes), which costs a fraction of redis-py's general packer on the gift hot path.
+:class:`Pipeliner` sends the script calls made in one loop tick as one write per master
+(every call's keys share one slot), packed by hand (:func:`pack_evalsha`: every argument
+is a str, int or bytes, and redis-py's general packer was a fifth of the server's CPU at
+5,000 gifts/s). When the store has replicas, the same write ends with ``WAIT <n> <ms>``
+on the same connection: the calls are answered only once a replica has them, so an
+acknowledged purchase, gift or payout survives the loss of its master. When too few
+replicas confirm in time, each call that succeeded fails with ``NotReplicated``
+(``unavailable``); the write did run, and a retry with the same req replays it. Replays
+write too (the scripts' ``synced``), so the WAIT after a replay covers the first write.
 
-On a Redis Cluster the calls are grouped by the master that serves their keys' slot
-(each call's keys share one slot) and each group goes to a connection of that master.
-A MOVED, ASK, TRYAGAIN or CLUSTERDOWN reply, or a failed connection, fails those callers
-(``store_errors`` makes it ``unavailable``; they retry with the same req, which the
-scripts' idempotency makes safe) and refreshes the client's slot map for the next batch.
+On a Redis Cluster a MOVED, ASK, TRYAGAIN or CLUSTERDOWN reply, or a failed connection,
+fails those callers (``store_errors`` makes it ``unavailable``; nothing ran) and
+refreshes the client's slot map for the next batch. A promoted replica or a restarted
+master has no scripts: they are loaded on that connection and the calls sent again.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import AsyncScript
 
 from livegift import store
+from livegift.scripts import NotReplicated
 
-_Call = tuple[list[str], list[Any], asyncio.Future[Any]]
+_Call = tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]
 
 # Replies after which the client's idea of who serves a slot is stale, or the cluster is
 # between owners: fail the call (nothing ran) and refresh the slot map.
@@ -43,29 +49,35 @@ def pack_evalsha(sha: str, keys_: list[str], args: list[Any]) -> bytes:
     return b"".join(parts)
 
 
+def pack_wait(replicas: int, timeout_ms: int) -> bytes:
+    return b"*3\r\n$4\r\nWAIT\r\n" + _bulk(replicas) + _bulk(timeout_ms)
+
+
 class Pipeliner:
-    """Sends the calls of one script made in the same loop tick as one pipeline.
+    """Sends the script calls made in the same loop tick as one pipeline per master.
 
     Thousands of concurrent gifts then cost a few round trips and pool checkouts instead
     of one each. Each call still runs as its own atomic script, and each caller gets its
     own result or error (redis-py's exceptions: map them with ``store_errors``). A
     pipeline that fails in transit fails all its callers; they retry with the same
-    ``req`` and the scripts' idempotency makes that safe.
+    ``req`` and the scripts' idempotency makes that safe. ``replicas`` > 0 ends every
+    write with a WAIT for that many replicas, at most ``wait_ms``.
     """
 
-    def __init__(self, redis: Any, script: AsyncScript) -> None:
+    def __init__(self, redis: Any, replicas: int = 0, wait_ms: int = 1000) -> None:
         self.redis = redis
-        self.script = script
+        self.replicas = replicas
+        self.wait_ms = wait_ms
         self.pending: list[_Call] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self._refresh = store.Refresher(redis) if isinstance(redis, RedisCluster) else None
 
-    def call(self, keys_: list[str], args: list[Any]) -> asyncio.Future[Any]:
+    def call(self, script: AsyncScript, keys_: list[str], args: list[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self.pending:
             loop.call_soon(self._send)
-        self.pending.append((keys_, args, future))
+        self.pending.append((script, keys_, args, future))
         return future
 
     def _send(self) -> None:
@@ -86,13 +98,11 @@ class Pipeliner:
             results = [redis_errors.ConnectionError(str(exc))] * len(batch)
         except BaseException as exc:
             # Never leave a caller waiting: fail them all, then let the error go on.
-            for _, _, future in batch:
+            for *_, future in batch:
                 if not future.done():
-                    future.set_exception(
-                        redis_errors.ConnectionError(f"gift batch failed: {exc!r}")
-                    )
+                    future.set_exception(redis_errors.ConnectionError(f"batch failed: {exc!r}"))
             raise
-        for (_, _, future), result in zip(batch, results, strict=True):
+        for (*_, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue
             if isinstance(result, BaseException):
@@ -101,23 +111,18 @@ class Pipeliner:
                 future.set_result(result)
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        # The commands are packed here and sent in one write on one pooled connection;
-        # redis-py's general packer was a fifth of the server's CPU at 5,000 gifts/s.
         pool = self.redis.connection_pool
         conn = await pool.get_connection()
         try:
-            results = await self._exchange(conn, batch)
+            return await self._exchange(conn, batch)
         finally:
             await pool.release(conn)
-        if any(isinstance(r, redis_errors.NoScriptError) for r in results):
-            await self._rerun_without_script(batch, results)
-        return results
 
     async def _cluster_pipeline(self, batch: list[_Call]) -> list[Any]:
         """One write per master: each call goes to the master of its keys' slot."""
         groups: dict[str, tuple[ClusterNode, list[int]]] = {}
         results: list[Any] = [None] * len(batch)
-        for i, (keys_, _, _) in enumerate(batch):
+        for i, (_, keys_, _, _) in enumerate(batch):
             try:
                 node = store.node_for(self.redis, keys_[0])
             except redis_errors.RedisClusterException as exc:
@@ -135,10 +140,6 @@ class Pipeliner:
                               redis_errors.RedisClusterException)) for r in results):  # fmt: skip
             assert self._refresh is not None
             self._refresh()
-        if any(isinstance(r, redis_errors.NoScriptError) for r in results):
-            # A promoted replica or a restarted master has no scripts (they are not
-            # replicated): load on every master, rerun those calls through redis-py.
-            await self._rerun_without_script(batch, results)
         return results
 
     async def _to_node(self, node: ClusterNode, batch: list[_Call]) -> list[Any]:
@@ -152,9 +153,28 @@ class Pipeliner:
                 node.release(conn)
 
     async def _exchange(self, conn: Any, batch: list[_Call]) -> list[Any]:
-        """Send the batch in one write, read one reply per call (errors as values)."""
-        sha = self.script.sha
-        payload = b"".join(pack_evalsha(sha, keys_, args) for keys_, args, _ in batch)
+        """Send the batch (and the WAIT) in one write; one reply per call, errors as
+        values. Calls that met NOSCRIPT are sent again once their scripts are loaded."""
+        results = await self._send_batch(conn, batch)
+        missing = [i for i, r in enumerate(results) if isinstance(r, redis_errors.NoScriptError)]
+        if missing:
+            # Scripts are not replicated: a promoted replica or a restarted master has none.
+            try:
+                for script in {id(batch[i][0]): batch[i][0] for i in missing}.values():
+                    await conn.send_command("SCRIPT", "LOAD", script.script)
+                    await conn.read_response()
+            except BaseException:
+                await conn.disconnect()
+                raise
+            again = await self._send_batch(conn, [batch[i] for i in missing])
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
+    async def _send_batch(self, conn: Any, batch: list[_Call]) -> list[Any]:
+        payload = b"".join(pack_evalsha(s.sha, k, a) for s, k, a, _ in batch)
+        if self.replicas:
+            payload += pack_wait(self.replicas, self.wait_ms)
         results: list[Any] = []
         try:
             await conn.send_packed_command(payload)
@@ -163,20 +183,16 @@ class Pipeliner:
                     results.append(await conn.read_response())
                 except redis_errors.ResponseError as exc:
                     results.append(exc)
+            if self.replicas:
+                try:
+                    acked = int(await conn.read_response())
+                    why = f"{acked} of {self.replicas} replicas in {self.wait_ms} ms"
+                except redis_errors.ResponseError as exc:  # the node became a replica
+                    acked, why = -1, str(exc)
+                if acked < self.replicas:
+                    lost = NotReplicated(why)
+                    results = [r if isinstance(r, BaseException) else lost for r in results]
         except BaseException:
             await conn.disconnect()
             raise
         return results
-
-    async def _rerun_without_script(self, batch: list[_Call], results: list[Any]) -> None:
-        """Redis restarted or failed over without the script: load it, rerun those calls."""
-        try:
-            await self.redis.script_load(self.script.script)
-        except (redis_errors.RedisError, redis_errors.RedisClusterException):
-            return  # the calls keep their NOSCRIPT (unavailable); the next batch loads it
-        for i, (keys_, args, _) in enumerate(batch):
-            if isinstance(results[i], redis_errors.NoScriptError):
-                try:
-                    results[i] = await self.script(keys=keys_, args=args)
-                except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
-                    results[i] = exc

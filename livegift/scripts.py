@@ -18,6 +18,7 @@ from redis import exceptions as redis_errors
 from redis.commands.core import AsyncScript
 
 from livegift.errors import LiveGiftError, Unavailable, from_code
+from livegift.keys import PARTITIONS
 
 PRELUDE = "_prelude"
 
@@ -27,7 +28,8 @@ def script_source(name: str) -> str:
     """The text Redis runs for ``name``: the prelude, then the script."""
     lua = resources.files("livegift").joinpath("lua")
     prelude = lua.joinpath(f"{PRELUDE}.lua").read_text("utf-8")
-    return prelude + "\n" + lua.joinpath(f"{name}.lua").read_text("utf-8")
+    head = f"local PARTITIONS = {PARTITIONS}\n"
+    return head + prelude + "\n" + lua.joinpath(f"{name}.lua").read_text("utf-8")
 
 
 def script_names() -> list[str]:
@@ -60,8 +62,15 @@ STORE_FAILURES: tuple[type[Exception], ...] = (
 )
 
 
+class NotReplicated(redis_errors.RedisError):
+    """The write ran, but no replica confirmed it within the WAIT timeout: the caller is
+    answered ``unavailable`` and a retry with the same req gives the true outcome."""
+
+
 def _store_error(exc: Exception) -> LiveGiftError:
     """A script's error reply or a failure to reach the store, as an exception of the tree."""
+    if isinstance(exc, NotReplicated):
+        return Unavailable("no replica of the data store confirmed the write in time")
     if isinstance(exc, redis_errors.OutOfMemoryError):
         # At maxmemory (noeviction) Redis refuses writes; a script fails at its first
         # write, having changed nothing. Reads still work (redis.conf, docs/money.md).

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisClusterException, RedisError
 
 from livegift.admission import Admission
 from livegift.broker import Broker
 from livegift.catalog import Catalog, default_catalog
 from livegift.config import Settings
+from livegift.errors import LiveGiftError
 from livegift.expiry import Deadlines
 from livegift.follow import Following
 from livegift.hub import Hub
 from livegift.ledger import Ledger
 from livegift.liveliness import Liveliness
 from livegift.scripts import Scripts
-from livegift.store import Store, connect, is_cluster, subscriber_factory
+from livegift.store import Store, connect, is_cluster, replicas
 from livegift.streams import Streams
 
 log = logging.getLogger("livegift")
@@ -44,6 +45,7 @@ class Services:
     # Connections served by livegift.api.fastws (pinged by one timer per process).
     sockets: set[Any] = field(default_factory=set)
     keepalive_task: asyncio.Task[None] | None = None
+    sweep_task: asyncio.Task[None] | None = None
     # Open connections per user here, and their gift-attempt buckets.
     admission: Admission = field(init=False)
     # When the token of each open socket expires (either driver), swept by _keepalive.
@@ -63,23 +65,23 @@ class Services:
         redis = await connect(settings.redis_url, settings.redis_max_connections)
         catalog = default_catalog()
         scripts = Scripts(redis)
-        ledger = Ledger(redis, settings, catalog, scripts)
+        try:
+            waits = await replicas(redis, settings.wait_replicas)
+        except (OSError, RedisError, RedisClusterException) as exc:
+            # The store is away: assume the safe answer until a restart asks again.
+            waits = 1 if is_cluster(redis) else 0
+            log.warning("could not ask the data store for its replicas: %s", exc)
+        ledger = Ledger(redis, settings, catalog, scripts, replicas=waits)
         streams = Streams(redis, settings, scripts)
         try:
             await scripts.load()
         except (OSError, RedisError, RedisClusterException) as exc:
             # Not fatal: scripts load themselves on first use once Redis is reachable.
             log.warning("could not preload Lua scripts: %s", exc)
-        # Pub/sub: on one server a plain client of its own (which also reads room seqs and
-        # history); on a cluster a plain client to one node at a time (another after a
-        # loss), with room reads through the cluster client.
-        if is_cluster(redis):
-            subscriber = subscriber_factory(redis, settings.redis_url)
-            broker = partial(Broker, redis, subscriber=subscriber)
-        else:
-            broker = partial(Broker, Redis.from_url(settings.redis_url))
+        # Sharded pub/sub on connections of the broker's own, one per master in use;
+        # room reads and live events through the store client.
         hub = Hub(
-            broker,
+            partial(Broker, redis),
             batch_ms=settings.batch_ms,
             max_batch_ms=settings.max_batch_ms,
             send_limit=settings.send_buffer_limit,
@@ -88,8 +90,24 @@ class Services:
         services = cls(settings, catalog, redis, ledger, streams, hub, liveliness)
         await hub.start()
         liveliness.start()
-        services.keepalive_task = asyncio.get_running_loop().create_task(services._keepalive())
+        loop = asyncio.get_running_loop()
+        services.keepalive_task = loop.create_task(services._keepalive())
+        services.sweep_task = loop.create_task(services._sweep())
         return services
+
+    async def _sweep(self) -> None:
+        """Every sweep_interval (with jitter, so processes spread out), finish the gift
+        transfers a crash left between their two steps (livegift.ledger.Ledger.sweep)."""
+        s = self.settings
+        while True:
+            await asyncio.sleep(s.sweep_interval * random.uniform(0.5, 1.5))
+            try:
+                done = await self.ledger.sweep(s.sweep_age_ms)
+            except LiveGiftError as exc:
+                log.warning("gift sweep: %s", exc)
+                continue
+            if done:
+                log.info("gift sweep finished %d transfer(s) left between their steps", done)
 
     async def _keepalive(self) -> None:
         """Every EXPIRY_TICK, close the sockets whose token expired (both drivers); every
@@ -111,9 +129,11 @@ class Services:
                 sock.keepalive(now, interval)
 
     async def close(self) -> None:
-        if self.keepalive_task is not None:
-            self.keepalive_task.cancel()
+        for task in (self.keepalive_task, self.sweep_task):
+            if task is not None:
+                task.cancel()
         self.hub.drain()
         await self.liveliness.close()
+        await self.ledger.aclose()
         await self.hub.close()
         await self.redis.aclose()

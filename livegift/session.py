@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from livegift.admission import Bucket
 from livegift.auth import User, verify_session
-from livegift.errors import BadRequest, Forbidden, LiveGiftError, RateLimited, Unauthorized
+from livegift.errors import (
+    BadRequest,
+    Forbidden,
+    LiveGiftError,
+    RateLimited,
+    StreamNotLive,
+    Unauthorized,
+)
 from livegift.metrics import BAD_FRAMES, GIFTS
 from livegift.protocol import (
     Codec,
@@ -98,6 +105,8 @@ class Session:
             gift = self.services.catalog.gift(op.gift)
             if not self.attempts.take():  # every attempt that would reach the script
                 raise RateLimited()
+            if self.services.hub.has_ended(self.room):
+                raise StreamNotLive()
             outcome = await self.services.ledger.gift(
                 self.user,
                 self.room,

@@ -7,20 +7,17 @@ serves, and follows MOVED/ASK), or a plain ``Redis`` on a ``BlockingConnectionPo
 that waits for a free connection at the cap. Every part of the server, the CLI and the
 reconcile talks to the store through a client made here; everything else only asks
 :func:`is_cluster` or :func:`node_for` when it must send to one node itself (the gift
-``Pipeliner``, the pub/sub subscriber).
+``Pipeliner``, the pub/sub connections of :mod:`livegift.broker`).
 
-On a cluster today every money and room key carries the ``{lg}`` hash tag, so all money
-lives on the master of that one slot (docs/deployment.md says what comes next).
+Keys spread over the masters by partition (:mod:`livegift.keys`); :func:`replicas` says
+how many replicas each money write waits for (:mod:`livegift.pipeline`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-from collections.abc import Callable
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.cluster
@@ -43,8 +40,10 @@ CLUSTER_CONNECT_TIMEOUT: Final = 2.0
 # refreshing the slot map between tries; a few short tries, then the caller answers
 # `unavailable` and the client retries with the same req (scripts are idempotent).
 CLUSTER_RETRIES: Final = 2
-# /healthz waits at most this long for the master of the money slot.
+# /healthz waits at most this long for a keyed read on every master, made in every
+# HEALTH_STRIDE-th partition (partitions are spread evenly over the slots).
 HEALTH_TIMEOUT: Final = 2.0
+HEALTH_STRIDE: Final = 16
 PROBE_TIMEOUT: Final = 5.0
 
 
@@ -163,50 +162,29 @@ class Refresher:
 
 
 async def ping(client: Store) -> None:
-    """Raise unless the store answers; on a cluster, the master of the money slot must
-    answer a keyed read (so a cluster that is down, or mid-failover for that slot,
-    fails it too)."""
+    """Raise unless the store answers; on a cluster, a keyed read in partitions spread
+    over every slot range (so a cluster that is down, or a master mid-failover, fails it)."""
     if not is_cluster(client):
         await client.ping()
         return
+    reads = [client.exists(keys.sync(p)) for p in range(0, keys.PARTITIONS, HEALTH_STRIDE)]
     try:
-        await asyncio.wait_for(client.exists(keys.MINTED), HEALTH_TIMEOUT)
+        await asyncio.wait_for(asyncio.gather(*reads), HEALTH_TIMEOUT)
     except TimeoutError:
-        raise redis_errors.TimeoutError("the money slot's master did not answer") from None
+        raise redis_errors.TimeoutError("a master of the data store did not answer") from None
 
 
-def subscriber_factory(client: Store, url: str) -> Callable[[], Redis]:
-    """Plain clients for pub/sub. On one server: always ``url``. On a cluster, classic
-    PUBLISH (also from Lua) reaches subscribers on every node, so any node will do; the
-    first choice is the master of the money slot, where the scripts that publish room
-    events run (an event then reaches us before the script's reply reaches the client,
-    as on one server, not after a hop over the cluster bus). Each further call names
-    the next node, so a subscriber whose node is gone moves on."""
-    if not isinstance(client, RedisCluster):
-        return lambda: Redis.from_url(url)
-    turn = itertools.count()
-
-    def make() -> Redis:
-        candidates: list[ClusterNode] = []
-        with contextlib.suppress(Exception):
-            candidates.append(node_for(client, keys.MINTED))
-        others = sorted(client.get_nodes(), key=lambda n: n.name)
-        candidates += [n for n in others if n not in candidates]
-        if not candidates:
-            return Redis.from_url(url)
-        node = candidates[next(turn) % len(candidates)]
-        return Redis.from_url(
-            _with_address(url, str(node.host), int(node.port)),
-            socket_connect_timeout=CLUSTER_CONNECT_TIMEOUT,
-            health_check_interval=30,
-        )
-
-    return make
-
-
-def _with_address(url: str, host: str, port: int) -> str:
-    """``url`` with its host and port replaced (credentials and options kept)."""
-    parts = urlsplit(url)
-    userinfo, _, _ = parts.netloc.rpartition("@")
-    netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+async def replicas(client: Store, wanted: int) -> int:
+    """How many replicas each money write waits for: ``wanted``, or with -1 the fewest
+    that any master has now (0 on a store without replicas)."""
+    if wanted >= 0:
+        return wanted
+    if not is_cluster(client):
+        info = await client.info("replication")
+        return int(info.get("connected_slaves", 0) or 0) and 1
+    assert isinstance(client, RedisCluster)
+    counts = []
+    for node in client.get_primaries():
+        info = await client.info("replication", target_nodes=node)
+        counts.append(int(info.get("connected_slaves", 0) or 0))
+    return min(counts, default=0) and 1

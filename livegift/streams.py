@@ -4,7 +4,9 @@ Changes to a room that members see (``stream_ended``, shout-outs) are one Lua ca
 (``lua/stream_*.lua``, ``lua/shoutout.lua``), which bumps the room's seq, keeps the event
 in the room's history and publishes it. No money moves here: see :mod:`livegift.ledger`.
 
-A creator has at most one live stream: going live ends the other one. An ended room's
+A room's keys live in its creator's partition (:mod:`livegift.keys`), which the room id
+names in its first two characters, so a gift lands on the room and the creator's wallet
+in one step. A creator has at most one live stream: going live ends the other one. An ended room's
 keys expire (history after ``history_seconds``, the room and its top gifters after
 ``ended_room_ttl``), so Redis does not grow with every stream ever held.
 """
@@ -20,7 +22,7 @@ from redis.exceptions import OutOfMemoryError
 from livegift import keys
 from livegift.auth import User
 from livegift.config import Settings
-from livegift.errors import NotFound, Unavailable
+from livegift.errors import BadRequest, NotFound, Unavailable
 from livegift.scripts import Scripts, store_errors
 from livegift.store import Store
 
@@ -60,8 +62,8 @@ class Streams:
 
     async def start_stream(self, creator: User, title: str) -> tuple[str, bool]:
         """Go live in a new room: (room id, created)."""
-        room = secrets.token_urlsafe(8).replace("-", "x").replace("_", "y")
-        return await self.start_stream_as(creator, title, room)
+        suffix = secrets.token_urlsafe(7)[:9].replace("-", "x").replace("_", "y")
+        return await self.start_stream_as(creator, title, keys.new_room_id(creator.id, suffix))
 
     async def start_stream_as(self, creator: User, title: str, room: str) -> tuple[str, bool]:
         """Go live in ``room``, re-opening it if it is the creator's already.
@@ -69,7 +71,10 @@ class Streams:
         One live stream per creator: the creator's other live stream ends (its members get
         ``stream_ended``) in the same script. The script needs that room's keys, so the
         creator's live-room pointer is read first; if it changed before the script ran,
-        the script changes nothing and this reads it again."""
+        the script changes nothing and this reads it again. ``room`` must be of the
+        creator's partition (keys.new_room_id)."""
+        if keys.room_partition(room) != keys.user_partition(creator.id):
+            raise BadRequest(f"room {room!r} is not of the creator's partition (keys.new_room_id)")
         for _ in range(START_ATTEMPTS):
             with store_errors():
                 raw = await self.redis.get(keys.creator_live(creator.id))
@@ -105,9 +110,11 @@ class Streams:
 
     async def shoutout(self, caller: User, room: str, to: str, text: str) -> int:
         """The creator recognises viewer ``to`` in front of the room: the shoutout's seq."""
+        with store_errors():
+            name = await self.redis.get(keys.name(to))
         seq = await self.scripts.call(
             "shoutout",
-            [keys.room(room), keys.history(room), keys.name(to)],
+            [keys.room(room), keys.history(room)],
             [
                 caller.id,
                 to,
@@ -115,6 +122,7 @@ class Streams:
                 keys.channel(room),
                 self.settings.history_len,
                 self.settings.history_seconds * 1000,
+                name.decode() if name else to,
             ],
         )
         return int(seq)
@@ -135,7 +143,10 @@ class Streams:
         with store_errors():
             rows = await self.redis.zrevrange(keys.top(room), 0, n - 1, withscores=True)
             ids = [member.decode() for member, _ in rows]
-            names = await self.redis.mget([keys.name(u) for u in ids]) if ids else []
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for u in ids:  # each name in its user's partition
+                    pipe.get(keys.name(u))
+                names = await pipe.execute()
         return [
             (uid, (nm.decode() if nm else uid), int(score))
             for uid, nm, (_, score) in zip(ids, names, rows, strict=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import jwt
 
+from livegift import demo
 from livegift.embedded import free_port
 from tests.conftest import PAYMENT_SECRET, ROOT, SECRET, LiveServer, uid, unit
 
@@ -117,16 +118,16 @@ def test_serve_demo_prints_working_urls(tmp_path: Path) -> None:
         for url in urls.values():
             page = httpx.get(url)
             assert page.status_code == 200 and "<html" in page.text.lower()
-        token = re.search(r"/watch/demo\?token=(\S+)", text)
-        assert token is not None
-        headers = {"authorization": f"Bearer {token.group(1)}"}
+        token = re.search(r"/watch/(\w+)\?token=(\S+)", text)
+        assert token is not None and token.group(1) == demo.ROOM
+        headers = {"authorization": f"Bearer {token.group(2)}"}
         assert (
             httpx.get(f"http://127.0.0.1:{port}/api/wallet", headers=headers).json()["coins"]
             >= 5000
         )
         # The simulated gifters make the room move at once.
         deadline = time.monotonic() + unit(15)
-        while httpx.get(f"http://127.0.0.1:{port}/api/streams/demo").json()["gifts"] < 3:
+        while httpx.get(f"http://127.0.0.1:{port}/api/streams/{demo.ROOM}").json()["gifts"] < 3:
             assert time.monotonic() < deadline, "no simulated gifts"
             time.sleep(0.3)
     finally:

@@ -36,7 +36,7 @@ SETTINGS = Settings(
     history_len=1,
     auto_shoutout_template='Thanks "{name}" </3> for {gift} \\ ü 😀',
 )
-EXERCISED = {"gift", "shoutout", "stream_end", "stream_start"}
+EXERCISED = {"gift_land", "shoutout", "stream_end", "stream_start"}
 # The prelude's functions that emit room events.
 EMITTING = ("emit(", "end_stream(")
 
@@ -73,7 +73,7 @@ async def room_events(
     # An ancient event: emit() trims it by its "ts" as soon as the first event lands.
     await client.zadd(keys.history(room), {b'{"type":"gift","seq":0,"ts":1,"room":"x"}': 0})
     pubsub = client.pubsub()
-    await pubsub.subscribe(keys.channel(room))
+    await pubsub.ssubscribe(keys.channel(room))
     token = auth.mint_receipt(PAYMENT_SECRET, ledger.catalog, fan.id, "p6607", sandbox=False)
     await ledger.recharge(auth.verify_receipt(PAYMENT_SECRET, ledger.catalog, token, fan))
     await streams.remember_name(fan)

@@ -106,13 +106,13 @@ class Publisher:
             pipe.zadd(keys.history(self.room), {data: self.seq})
             pipe.hset(keys.room(self.room), "seq", self.seq)
             for _ in range(times):
-                pipe.publish(keys.channel(self.room), data)
+                pipe.spublish(keys.channel(self.room), data)
             await pipe.execute()
         return data
 
     async def publish(self, data: bytes) -> None:
         """Raw bytes on the room's channel (no history, no seq)."""
-        await self.redis.publish(keys.channel(self.room), data)
+        await self.redis.spublish(keys.channel(self.room), data)
 
 
 HubFactory = Callable[..., Awaitable[Hub]]
@@ -197,7 +197,7 @@ async def test_one_payload_per_codec_one_packed_object_per_wire(
             data = events.event(events.GIFT, n, 1000 + n, room=room, gift="rose")
             pipe.zadd(keys.history(room), {data: n})
             pipe.hset(keys.room(room), "seq", n)
-            pipe.publish(keys.channel(room), data)
+            pipe.spublish(keys.channel(room), data)
         await pipe.execute()
     await until(lambda: all(len(s.got) >= 2 for s in sinks), "the batch at every member")
     for sink in sinks:
@@ -365,7 +365,7 @@ async def test_a_subscribe_the_store_never_confirms_is_unavailable(tmp_path: Any
     url = server.start()
     assert server.process is not None
     client = Redis.from_url(url)
-    broker = Broker(client, lambda room, data: None, lambda: None)
+    broker = Broker(client, lambda room, data: None, lambda room: None)
     broker.confirm_timeout = unit(0.5)
     try:
         await broker.start()

@@ -89,7 +89,7 @@ async def test_an_ended_room_expires_and_a_reopened_one_does_not(client: Redis) 
     streams = Streams(client, settings)
     ledger = Ledger(client, settings, default_catalog(), streams.scripts)
     creator, fan = User(uid("c"), "C"), User(uid("f"), "F")
-    room, _ = await streams.start_stream_as(creator, "t", uid("room"))
+    room, _ = await streams.start_stream_as(creator, "t", keys.new_room_id(creator.id, uid("room")))
     await buy(ledger, fan)
     await ledger.gift(fan, room, "r1", ledger.catalog.gift("rose"), 2, adult=True)
     kept = [keys.room(room), keys.history(room), keys.top(room)]
@@ -146,6 +146,11 @@ async def test_the_server_expires_ended_rooms_and_presence(
 # -- at the memory limit -----------------------------------------------------------------
 
 
+def ledger_size(client: Any) -> int:
+    """Ledger entries in every partition."""
+    return sum(int(client.xlen(keys.ledger(p))) for p in range(keys.PARTITIONS))
+
+
 def fill(store: sync_redis.Redis) -> None:
     """Fill the store up to a limit just above what it holds, then put the limit below
     what it holds (a write that fails frees its own buffer, so a store filled to the brim
@@ -176,7 +181,7 @@ async def test_a_full_store_answers_unavailable_and_changes_nothing(
         server.recharge(token, user, "p330")
         sender = await Client.open(server.ws(room, token))
         await sender.next()
-        entries = store.xlen(keys.LEDGER)
+        entries = ledger_size(store)
 
         fill(store)
         ack = await sender.gift("when-full", "rose", 5)
@@ -185,7 +190,7 @@ async def test_a_full_store_answers_unavailable_and_changes_nothing(
         assert bought.status_code == 503 and bought.json()["error"]["code"] == "unavailable"
         assert server.post("/api/streams", {}, token=server.token(uid("c2"))).status_code == 503
         # Nothing changed, and reads work: wallets, rooms, joining a room to watch.
-        assert store.xlen(keys.LEDGER) == entries
+        assert ledger_size(store) == entries
         assert server.get("/api/wallet", token).json()["coins"] == 330
         assert server.get("/api/wallet", ctoken).json()["diamonds"] == 0
         assert server.get(f"/api/streams/{room}").json()["live"] is True

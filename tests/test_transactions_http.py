@@ -47,7 +47,7 @@ async def test_entries_are_own_newest_first_and_complete(live_server: LiveServer
     mine = entries(live_server, fan_token)
     assert mine["next_cursor"] is None
     rows = mine["transactions"]
-    assert all(set(e) == FIELDS for e in rows)
+    assert all(set(e) == FIELDS | ({"transfer"} if e["room"] else set()) for e in rows)
     assert [(e["kind"], e["amount"], e["balance"], e["reference"]) for e in rows] == [
         ("gift_debit", -60, 267, "d1"),
         ("gift_debit", -3, 327, "r1"),
@@ -66,8 +66,13 @@ async def test_entries_are_own_newest_first_and_complete(live_server: LiveServer
     ]
     assert all(e["account"] == creator and e["counterparty"] == fan for e in theirs)
     assert all(e["asset"] == "diamonds" for e in theirs)
-    # A debit and its credit are consecutive entries written by one Lua call.
-    assert {e["id"] for e in theirs} == {e["id"] + 1 for e in rows if e["kind"] == "gift_debit"}
+    # Each credit names the transfer its debit started (the debit's id), and the same req.
+    debits = [e for e in rows if e["kind"] == "gift_debit"]
+    assert [e["transfer"] for e in debits] == [e["id"] for e in debits]
+    assert [(e["transfer"], e["reference"]) for e in theirs] == [
+        (e["id"], e["reference"]) for e in debits
+    ]
+    assert all("transfer" not in e for e in rows if e["kind"] == "purchase")
     assert entries(live_server, live_server.token(uid("nobody"))) == {
         "transactions": [],
         "next_cursor": None,

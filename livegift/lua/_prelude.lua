@@ -35,18 +35,29 @@ local function event(kind, seq, ts, fields)
   return head .. ',' .. string.sub(obj(fields), 2)
 end
 
--- Append one immutable ledger entry and index it under its account.
-local function entry(ledger, entry_seq, acct, ts, kind, account, asset, amount, balance,
-                     counterparty, ref, room)
+-- Append one immutable ledger entry to a partition's ledger and index it under its
+-- account. PARTITIONS is set by livegift/scripts.py. The entry's id is unique across
+-- partitions: n * PARTITIONS + part, n counting the partition's entries from 1.
+-- xfer names the gift transfer of gift_debit/gift_credit/gift_refund ('' otherwise).
+local function entry(ledger, entry_seq, acct, part, ts, kind, account, asset, amount, balance,
+                     counterparty, ref, room, xfer)
   local n = redis.call('INCR', entry_seq)
-  local sid = redis.call('XADD', ledger, '*', 'id', fmt(n), 'ts', fmt(ts), 'kind', kind,
+  local id = n * PARTITIONS + part
+  local sid = redis.call('XADD', ledger, '*', 'id', fmt(id), 'ts', fmt(ts), 'kind', kind,
     'account', account, 'asset', asset, 'amount', fmt(amount), 'balance', fmt(balance),
-    'counterparty', counterparty, 'ref', ref, 'room', room)
-  redis.call('ZADD', acct, n, sid)
-  return n
+    'counterparty', counterparty, 'ref', ref, 'room', room, 'xfer', xfer)
+  redis.call('ZADD', acct, id, sid)
+  return id
 end
 
--- Append a durable room event to the room's history and publish it.
+-- A replayed call changes nothing, but writes this partition's sync counter, so that a
+-- WAIT after it covers the write it replays (WAIT counts the connection's last write).
+local function synced(sync)
+  redis.call('INCR', sync)
+end
+
+-- Append a durable room event to the room's history and publish it (a shard channel of
+-- the room's slot).
 -- Keeps at least the last hist_len events and everything newer than hist_ms.
 local function emit(hist, channel, seq, data, now, hist_len, hist_ms)
   redis.call('ZADD', hist, seq, data)
@@ -61,7 +72,7 @@ local function emit(hist, channel, seq, data, now, hist_len, hist_ms)
     end
     redis.call('ZREMRANGEBYRANK', hist, 0, 0)
   end
-  redis.call('PUBLISH', channel, data)
+  redis.call('SPUBLISH', channel, data)
 end
 
 -- End a live stream: live=0, a durable stream_ended event to its members, and the room's

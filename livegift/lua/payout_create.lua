@@ -4,9 +4,11 @@
 -- KEYS[1] wallet   KEYS[2] payout hash   KEYS[3] creator's payouts zset
 -- KEYS[4] idempotency record (fingerprint, newline, first response)   KEYS[5] today's net cash-out counter   KEYS[6] held counter
 -- KEYS[7] ledger stream   KEYS[8] account index   KEYS[9] ledger entry counter
+-- KEYS[10] sync counter (all in the creator's partition, which the payout id names)
 -- ARGV[1] user   ARGV[2] payout id   ARGV[3] diamonds (= gross cents)   ARGV[4] net
 -- ARGV[5] commission   ARGV[6] minimum diamonds   ARGV[7] daily net cap (cents)
 -- ARGV[8] request fingerprint   ARGV[9] day (YYYYMMDD)   ARGV[10] idempotency ttl seconds
+-- ARGV[11] this partition's number
 -- Returns: {payout JSON, replayed 0|1}
 -- Errors: idempotency_conflict, bad_request, below_minimum, insufficient_funds, payout_limit.
 
@@ -16,6 +18,7 @@ if prior then
   if string.sub(prior, 1, sep - 1) ~= ARGV[8] then
     return redis.error_reply('idempotency_conflict this Idempotency-Key was used with another body')
   end
+  synced(KEYS[10])
   return {string.sub(prior, sep + 1), 1}
 end
 
@@ -40,8 +43,8 @@ local left = redis.call('HINCRBY', KEYS[1], 'diamonds', -gross)
 redis.call('INCRBY', KEYS[5], net)
 redis.call('EXPIRE', KEYS[5], 172800)
 redis.call('INCRBY', KEYS[6], gross)
-entry(KEYS[7], KEYS[9], KEYS[8], now, 'payout', ARGV[1], 'diamonds', -gross, left, 'payouts',
-  ARGV[2], '')
+entry(KEYS[7], KEYS[9], KEYS[8], tonumber(ARGV[11]), now, 'payout', ARGV[1], 'diamonds', -gross,
+  left, 'payouts', ARGV[2], '', '')
 local payout = '{"id":' .. jstr(ARGV[2]) .. ',"user":' .. jstr(ARGV[1]) .. ',"diamonds":'
   .. fmt(gross) .. ',"gross":' .. fmt(gross) .. ',"commission":' .. fmt(commission)
   .. ',"net":' .. fmt(net) .. ',"currency":"USD","status":"pending","created":' .. fmt(now)

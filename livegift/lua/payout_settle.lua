@@ -2,7 +2,9 @@
 --
 -- KEYS[1] payout hash   KEYS[2] creator wallet   KEYS[3] held counter   KEYS[4] ledger stream
 -- KEYS[5] account index   KEYS[6] ledger entry counter   KEYS[7] the payout day's net counter
+-- KEYS[8] sync counter (all in the creator's partition)
 -- ARGV[1] outcome: paid | failed   ARGV[2] creator id (must own the payout)
+-- ARGV[3] this partition's number
 -- Returns: the payout JSON after settling, with "settled" (ms); unchanged when already
 -- settled that way.
 -- Errors: not_found, bad_request (already settled the other way).
@@ -15,6 +17,7 @@ if p[2] ~= ARGV[2] then
   return redis.error_reply('bad_request payout belongs to another user')
 end
 if p[1] == ARGV[1] then
+  synced(KEYS[8])
   return p[5]
 end
 if p[1] ~= 'pending' then
@@ -30,8 +33,8 @@ if ARGV[1] == 'failed' then
   if redis.call('EXISTS', KEYS[7]) == 1 then
     redis.call('DECRBY', KEYS[7], net)
   end
-  entry(KEYS[4], KEYS[6], KEYS[5], now, 'payout_reversal', p[2], 'diamonds', gross, left,
-    'payouts', p[6], '')
+  entry(KEYS[4], KEYS[6], KEYS[5], tonumber(ARGV[3]), now, 'payout_reversal', p[2], 'diamonds',
+    gross, left, 'payouts', p[6], '', '')
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'settled', fmt(now), 'json', payout)
 return payout

@@ -1,8 +1,9 @@
 -- shoutout: the stream's creator recognises a viewer in front of the room.
 --
--- KEYS[1] room hash   KEYS[2] room history   KEYS[3] the recipient's display name
+-- KEYS[1] room hash   KEYS[2] room history
 -- ARGV[1] caller id   ARGV[2] recipient id   ARGV[3] text   ARGV[4] channel
 -- ARGV[5] history length   ARGV[6] history ms
+-- ARGV[7] the recipient's display name (read first: it lives in the recipient's partition)
 -- Returns: the shoutout's seq.   Errors: forbidden, stream_not_live.
 
 local room = redis.call('HMGET', KEYS[1], 'creator', 'live', 'room')
@@ -13,7 +14,7 @@ if room[2] ~= '1' then
   return redis.error_reply('stream_not_live')
 end
 local now = now_ms()
-local name = redis.call('GET', KEYS[3]) or ARGV[2]
+local name = ARGV[7]
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local shout = event('shoutout', seq, now, {
   'room', jstr(room[3]),

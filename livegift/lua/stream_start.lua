@@ -9,7 +9,7 @@
 -- KEYS[4] room top gifters   KEYS[5] the pointer's room hash (as read before the call;
 -- KEYS[1] when none)   KEYS[6] its history   KEYS[7] its top gifters
 -- ARGV[1] room id   ARGV[2] creator id   ARGV[3] creator name   ARGV[4] title
--- ARGV[5] the creator's feed channel: gets {"type":"stream_started","room"} (livegift.follow)
+-- ARGV[5] the creator's feed (shard) channel: gets {"type":"stream_started","room"} (livegift.follow)
 -- ARGV[6] the pointer's room as read before the call ('' for none)   ARGV[7] its channel
 -- ARGV[8] history length   ARGV[9] history ms   ARGV[10] seconds an ended room is kept
 -- Returns: {room id, created 1|0, the ended stream's stream_ended seq or 0}, or
@@ -46,5 +46,5 @@ else
     'started', redis.call('TIME')[1])
 end
 redis.call('SET', KEYS[2], ARGV[1])
-redis.call('PUBLISH', ARGV[5], '{"type":"stream_started","room":' .. jstr(ARGV[1]) .. '}')
+redis.call('SPUBLISH', ARGV[5], '{"type":"stream_started","room":' .. jstr(ARGV[1]) .. '}')
 return {ARGV[1], created, ended}
