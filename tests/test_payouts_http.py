@@ -14,9 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-import redis as sync_redis
 
-from livegift import keys
+from livegift import keys, store
 from tests.conftest import ROOT, LiveServer, uid, unit
 from tests.wsclient import Client
 
@@ -91,7 +90,7 @@ async def test_payout_split_replay_and_conflict(live_server: LiveServer, redis_u
     assert [x["id"] for x in listed] == [p["id"]]
 
     # Keys are per user and kept at least 24 hours (48 here).
-    ttl = sync_redis.Redis.from_url(redis_url).ttl(keys.payout_idem(user, "cash-1"))
+    ttl = store.connect_sync(redis_url).ttl(keys.payout_idem(user, "cash-1"))  # any store kind
     assert 47 * 3600 < ttl <= 48 * 3600
     other = await earn(live_server, ["p1321"], [("galaxy", 1)])
     mine = payout(live_server, other, {"diamonds": 1000}, key="cash-1")
