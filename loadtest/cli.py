@@ -1,5 +1,6 @@
-"""Command line: ``python -m loadtest [run] ...``, ``python -m loadtest compare ...`` and
-``python -m loadtest attacks ...`` (:mod:`loadtest.attacks`)."""
+"""Command line: ``python -m loadtest [run] ...``, ``python -m loadtest compare ...``,
+``python -m loadtest scale ...`` (:mod:`loadtest.scale`) and ``python -m loadtest attacks
+...`` (:mod:`loadtest.attacks`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from . import compare as cmp
-from . import runner
+from . import report, runner
 from .targets import KINDS
 
-SUBCOMMANDS = ("run", "compare", "attacks")
+SUBCOMMANDS = ("run", "compare", "scale", "attacks")
 
 
 def _common(p: argparse.ArgumentParser, viewers: int, rate: float, duration: float) -> None:
@@ -94,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="with --spawn: start a Redis of our own pinned to these CPUs",
     )
+    _cluster_options(r)
     r.add_argument("--label", default=None)
     r.add_argument(
         "--profile",
@@ -110,7 +112,39 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--server-cpus", default=None, help="default: the first CPU")
     c.add_argument("--client-cpus", default=None, help="default: the second CPU")
+    s = sub.add_parser(
+        "scale", help="the same gift load on Valkey Clusters of 1, 3, ... masters (spawned)"
+    )
+    _common(s, viewers=0, rate=6000.0, duration=20.0)
+    s.add_argument("--masters", default="1,3", help="cluster sizes, one run each (default 1,3)")
+    s.add_argument("-R", "--rooms", type=int, default=200)
+    s.add_argument("-G", "--gifters", type=int, default=400)
+    s.add_argument("--codec", choices=("json", "msgpack"), default="json")
+    s.add_argument("--workers", type=int, default=None, help="livegift serve --workers")
+    s.add_argument("--server-cpus", default=None, help="taskset -c for the spawned server")
+    s.add_argument("--client-cpus", default=None, help="pin this client to these CPUs")
+    s.add_argument("--redis-cpus", default=None, help="pin every Valkey node to these CPUs")
+    _cluster_options(s, sizes=False)
+    s.add_argument("--label", default=None)
     return ap
+
+
+def _cluster_options(p: argparse.ArgumentParser, sizes: bool = True) -> None:
+    if sizes:
+        p.add_argument(
+            "--cluster-masters",
+            type=int,
+            default=0,
+            metavar="N",
+            help="with --spawn: start a Valkey Cluster of N masters with 1 replica each "
+            "(pinned with --redis-cpus) and measure every node",
+        )
+    p.add_argument(
+        "--cluster-fsync",
+        choices=("always", "everysec"),
+        default="always",
+        help="the cluster nodes' appendfsync (default always, as livegift's redis.conf)",
+    )
 
 
 def _config(a: argparse.Namespace, **over: Any) -> runner.RunConfig:
@@ -186,6 +220,13 @@ def summary(res: dict[str, Any]) -> str:
             f"  server CPU {s['cpu_pct_of_core']} %, RSS peak {s['rss_peak'] / 2**20:,.1f} MiB; "
             f"Redis CPU {s['redis_cpu_pct_of_core']} %"
         )
+        if s.get("redis_cpu_us_per_acked_gift") is not None:
+            lines.append(
+                f"  Redis CPU µs per acked gift: {s['redis_cpu_us_per_acked_gift']:,.1f} "
+                f"(server CPU µs per acked gift: {s['server_cpu_us_per_acked_gift']:,.1f})"
+            )
+    if "redis_cluster" in res:
+        lines.append(report.cluster_table(res["redis_cluster"]))
     if res.get("server_idle", {}).get("idle_rss_per_viewer_bytes") is not None:
         lines.append(
             f"  idle RSS per viewer: {res['server_idle']['idle_rss_per_viewer_bytes']:,.0f} B"
@@ -221,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if all("failed" not in r for r in out["results"]) else 1
     from . import procs
 
+    if a.cmd == "scale":
+        return _scale(a)
+
     procs.pin_self(a.client_cpus)
     cfg = _config(
         a,
@@ -234,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         server_pid=a.server_pid,
         server_cpus=a.server_cpus,
         redis_cpus=a.redis_cpus,
+        cluster_masters=a.cluster_masters,
+        cluster_fsync=a.cluster_fsync,
         profile=a.profile,
         label=a.label,
     )
@@ -242,3 +288,32 @@ def main(argv: list[str] | None = None) -> int:
     res = runner.run(cfg)
     print(summary(res))
     return 1 if "failed" in res else 0
+
+
+def _scale(a: argparse.Namespace) -> int:
+    """``scale``: one spawned run per cluster size, one summary (see :mod:`loadtest.scale`)."""
+    from . import procs, scale
+
+    sizes = scale.parse_masters(a.masters)
+    if a.redis_url:
+        raise SystemExit("scale starts its own clusters: drop --redis-url")
+    procs.pin_self(a.client_cpus)
+    cfg = _config(
+        a,
+        spawn=True,
+        rooms=a.rooms,
+        gifters=a.gifters,
+        codec=a.codec,
+        workers=a.workers,
+        server_cpus=a.server_cpus,
+        redis_cpus=a.redis_cpus,
+        cluster_fsync=a.cluster_fsync,
+        label=a.label,
+    )
+    out = scale.scale(cfg, sizes)
+    for r in out["runs"]:
+        if r.get("redis_cluster"):
+            print(f"\n{r['label']}\n{report.cluster_table(r['redis_cluster'])}")
+    print(f"\n{out['table']}")
+    print(f"written: {out['json']} and {out['markdown']}")
+    return 0 if all(not r.get("failed") for r in out["rows"]) else 1

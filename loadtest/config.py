@@ -38,6 +38,9 @@ class RunConfig:
     redis_pid: int | None = None  # a Redis outside the server's process tree, to measure too
     server_cpus: str | None = None
     redis_cpus: str | None = None  # start a Redis of our own, pinned here (with --spawn)
+    redis_pids: tuple[int, ...] = ()  # more Redis processes to measure (a cluster's nodes)
+    cluster_masters: int = 0  # with spawn: a Valkey Cluster of N masters + N replicas
+    cluster_fsync: str = "always"  # its appendfsync (livegift's redis.conf says always)
     connect_concurrency: int = 200
     connect_timeout: float = 10.0
     connect_budget: float = 180.0

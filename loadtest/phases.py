@@ -48,7 +48,7 @@ async def set_up(cfg: RunConfig, handle: ServerHandle, progress: Progress) -> Ru
     else:
         rooms = [f"room{run_id}-{i}" for i in range(cfg.rooms)]
         result["setup"] = {"rooms": rooms}
-    probe = ServerProbe(handle.watch, cfg.redis_pid)
+    probe = ServerProbe(handle.watch, cfg.redis_pid, cfg.redis_pids)
     return RunState(
         cfg=cfg,
         handle=handle,

@@ -28,9 +28,15 @@ def client_cpu() -> float:
 class ServerProbe:
     """CPU and RSS of the server's process tree and of its Redis (in that tree or apart)."""
 
-    def __init__(self, watch: procs.ProcWatch | None, redis_pid: int | None = None) -> None:
+    def __init__(
+        self,
+        watch: procs.ProcWatch | None,
+        redis_pid: int | None = None,
+        more_redis_pids: tuple[int, ...] = (),
+    ) -> None:
         self.watch = watch
-        self.redis_watch = procs.ProcWatch(redis_pid) if redis_pid else None
+        pids = [p for p in (redis_pid, *more_redis_pids) if p]
+        self.redis_watches = [procs.ProcWatch(p) for p in pids]
 
     @property
     def watched(self) -> bool:
@@ -40,13 +46,14 @@ class ServerProbe:
         if self.watch is None:
             return 0.0, 0, 0.0, 0
         srv, red = self.watch.split()
-        if self.redis_watch is not None:
-            red = red + self.redis_watch.procs()
+        for watch in self.redis_watches:
+            red = red + watch.procs()
         return self.watch.cpu(srv), self.watch.rss(srv), self.watch.cpu(red), self.watch.rss(red)
 
     def roots(self) -> list[int]:
         """The pids whose whole process trees are measured as the server or its Redis."""
-        return [w.root.pid for w in (self.watch, self.redis_watch) if w is not None]
+        watches = [self.watch] if self.watch is not None else []
+        return [w.root.pid for w in (*watches, *self.redis_watches)]
 
 
 def system_busy() -> float:

@@ -172,3 +172,111 @@ def compare_markdown(results: list[dict[str, Any]], params: dict[str, Any]) -> s
         "and idle − RSS before) / viewers.",
     ]
     return "\n".join(lines) + "\n"
+
+
+# -- Redis Cluster: per node, and the scale-out comparison ---------------------------------
+
+
+# The money path's own commands come first in the printed table; commandstats also counts
+# every command a script runs, and those come after, by calls.
+FIRST_COMMANDS = ("evalsha", "eval", "wait", "spublish")
+
+
+def _top_calls(calls: dict[str, int], wall: float, n: int = 5) -> str:
+    names = [c for c in FIRST_COMMANDS if c in calls]
+    names += [c for c in calls if c not in names]
+    return ", ".join(f"{c} {calls[c] / wall:,.0f}" for c in names[:n])
+
+
+def cluster_table(rc: dict[str, Any]) -> str:
+    """What each node of a cluster did during the load, and the per-gift and spread figures."""
+    wall = rc["wall_seconds"]
+    ports = {r["port"] for r in rc["nodes"] if r["role"] == "master"}
+    lines = [
+        f"Redis Cluster: {_count(rc['masters'], 'master')} + "
+        f"{_count(rc['replicas'], 'replica')} "
+        f"(appendfsync {rc.get('appendfsync')}, CPUs {rc.get('redis_cpus') or 'any'}), "
+        f"window {wall:g} s" + (" — A FAILOVER HAPPENED" if rc.get("failover") else ""),
+        "",
+        "| node | role | slots | CPU % of a core | commands/s | keys | top commands (calls/s) |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rc["nodes"]:
+        role = r["role"]
+        if role == "replica" and r["master_port"] in ports:
+            role = f"replica of :{r['master_port']}"
+        lines.append(
+            f"| :{r['port']} | {role} | {_fmt(r['slots']) if r['slots'] else '–'} "
+            f"| {_fmt(r['cpu_pct_of_core'])} | {_fmt(r['commands_per_s'], 0)} "
+            f"| {_fmt(r['keys'])} | {_top_calls(r['calls'], wall)} |"
+        )
+    per_gift, spread = rc["cpu_us_per_acked_gift"], rc["spread"]
+    lines += [
+        "",
+        f"Redis CPU µs per acked gift: {_fmt(per_gift['all'])} (masters + replicas), "
+        f"{_fmt(per_gift['masters'])} (masters only)",
+        f"busiest / least busy master: CPU {_times(spread['cpu'])}, "
+        f"commands {_times(spread['commands'])}, keys {_times(spread['keys'])}",
+    ]
+    return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _times(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}×"
+
+
+def scale_markdown(rows: list[dict[str, Any]], params: dict[str, Any]) -> str:
+    """One row per cluster size (``python -m loadtest scale``)."""
+    lines = [
+        f"Workload: {params['gifters']:,} gifters in {params['rooms']:,} rooms "
+        f"({params['viewers']:,} viewers), {params['rate']:g} gifts/s offered for "
+        f"{params['duration']:g} s. Server on CPU {params.get('server_cpus') or 'any'} "
+        f"({params.get('workers') or 1} process(es)), client on CPU "
+        f"{params.get('client_cpus') or 'any'}, Valkey nodes on CPU "
+        f"{params.get('redis_cpus') or 'any'} (appendfsync {params.get('cluster_fsync')}).",
+        "",
+        "| masters | acked gifts/s | ack p50 ms | ack p99 ms | not acked ok | server CPU % "
+        "| Redis CPU % per master | replicas CPU % | Redis µs/gift (all) | (masters) "
+        "| spread CPU | spread commands | spread keys | other load % | reconcile |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if r.get("failed"):
+            lines.append(f"| {r['masters']} | FAILED: {r['failed'][:120]} |" + " |" * 13)
+            continue
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(r["masters"]) + (" (failover!)" if r.get("failover") else ""),
+                    _fmt(r["acked_per_s"], 0),
+                    _fmt(r["ack_p50_ms"], 2),
+                    _fmt(r["ack_p99_ms"], 2),
+                    _fmt(r["not_acked_ok"]),
+                    _fmt(r["server_cpu_pct"]),
+                    " / ".join(f"{v:.1f}" for v in r["redis_cpu_pct_per_master"]),
+                    _fmt(r["replicas_cpu_pct"]),
+                    _fmt(r["redis_us_per_gift_all"]),
+                    _fmt(r["redis_us_per_gift_masters"]),
+                    _times(r["spread_cpu"]),
+                    _times(r["spread_commands"]),
+                    _times(r["spread_keys"]),
+                    _fmt(r["other_load_pct"]),
+                    "ok" if r["reconcile_ok"] else "NOT OK" if r["reconcile_ok"] is False else "–",
+                ]
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "Redis CPU = user + system CPU of each valkey-server process (psutil, by pid) from the "
+        "first send to the end of the drain, as % of one core; µs/gift = that CPU / acked "
+        "gifts. Spread = busiest / least busy master, for CPU, commands processed (INFO "
+        "total_commands_processed) and keys (DBSIZE). Other load = CPU of processes not in "
+        "the test (kernel threads included) during the window.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -98,6 +98,7 @@ def client_result(start: Mark, end: Mark, wall: float) -> dict[str, Any]:
 def server_result(st: RunState, w: Window, end: Mark, wall: float) -> dict[str, Any]:
     s0, s1 = w.start.server, end.server
     assert st.probe.watch is not None
+    acked = st.stats.ack_ok if st.is_lg else 0
     return {
         "pid": st.probe.watch.root.pid,
         "cpu_s": round(s1[0] - s0[0], 3),
@@ -107,6 +108,9 @@ def server_result(st: RunState, w: Window, end: Mark, wall: float) -> dict[str, 
         "redis_cpu_s": round(s1[2] - s0[2], 3),
         "redis_cpu_pct_of_core": pct(s1[2] - s0[2], wall),
         "redis_rss_end": s1[3],
+        # The yardstick: every Redis process's CPU over the window / acked gifts.
+        "redis_cpu_us_per_acked_gift": round(1e6 * (s1[2] - s0[2]) / acked, 1) if acked else None,
+        "server_cpu_us_per_acked_gift": round(1e6 * (s1[0] - s0[0]) / acked, 1) if acked else None,
     }
 
 

@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import phases, probes, procs, results
+from . import phases, probes, procs, rcluster, results
 from .config import RunConfig
 from .progress import Progress
 from .server import ServerHandle, run_reconcile, start_server
 
 __all__ = ["Progress", "RunConfig", "raise_nofile", "run", "run_async"]
+
+OwnRedis = procs.Spawned | rcluster.SpawnedCluster  # a data store started for this run
 
 
 def raise_nofile(want: int = 65536) -> int:
@@ -30,24 +32,45 @@ def raise_nofile(want: int = 65536) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-async def run_async(cfg: RunConfig, handle: ServerHandle, progress: Progress) -> dict[str, Any]:
-    """The phases of one run against a server that is up; the result, without reconcile."""
+async def run_async(
+    cfg: RunConfig,
+    handle: ServerHandle,
+    progress: Progress,
+    cluster: rcluster.SpawnedCluster | None = None,
+) -> dict[str, Any]:
+    """The phases of one run against a server that is up; the result, without reconcile.
+
+    With a cluster, each node's counters are read just before the first send and just
+    after the drain: the same window as the rest of the figures."""
     st = await phases.set_up(cfg, handle, progress)
     await phases.connect_viewers(st)
     await phases.measure_idle(st)
     await phases.connect_senders(st)
+    before = cluster.snapshot() if cluster is not None else None
     window = await phases.send_load(st)
     end = await phases.drain(st, window)
+    after = cluster.snapshot() if cluster is not None else None
     tally = await phases.close(st)
-    return results.collect(st, window, end, tally)
+    result = results.collect(st, window, end, tally)
+    if cluster is not None and before is not None and after is not None:
+        result["redis_cluster"] = {
+            **cluster.describe(),
+            **rcluster.summarise(before, after, st.stats.ack_ok),
+        }
+    return result
 
 
 def start_processes(
     cfg: RunConfig, log_dir: Path
-) -> tuple[RunConfig, ServerHandle, procs.Spawned | None]:
-    """The server (spawned or found) and, when wanted, a Redis of our own for it."""
-    own_redis: procs.Spawned | None = None
-    if cfg.spawn and not cfg.redis_url and (cfg.kind != "livegift" or cfg.redis_cpus):
+) -> tuple[RunConfig, ServerHandle, OwnRedis | None]:
+    """The server (spawned or found) and, when wanted, a Redis (or a cluster) of our own."""
+    own_redis: OwnRedis | None = None
+    if cfg.cluster_masters:
+        if not cfg.spawn or cfg.redis_url or cfg.kind != "livegift":
+            raise SystemExit("--cluster-masters goes with --spawn, livegift and no --redis-url")
+        own_redis = rcluster.SpawnedCluster(cfg.cluster_masters, cfg.redis_cpus, cfg.cluster_fsync)
+        cfg = dataclasses.replace(cfg, redis_url=own_redis.url, redis_pids=tuple(own_redis.pids()))
+    elif cfg.spawn and not cfg.redis_url and (cfg.kind != "livegift" or cfg.redis_cpus):
         own_redis, url = procs.start_redis(cfg.redis_cpus or cfg.server_cpus, log_dir)
         cfg = dataclasses.replace(cfg, redis_url=url, redis_pid=own_redis.pid)
     try:
@@ -59,17 +82,22 @@ def start_processes(
     return cfg, handle, own_redis
 
 
-def run_phases(cfg: RunConfig, handle: ServerHandle, progress: Progress) -> dict[str, Any]:
+def run_phases(
+    cfg: RunConfig,
+    handle: ServerHandle,
+    progress: Progress,
+    cluster: rcluster.SpawnedCluster | None = None,
+) -> dict[str, Any]:
     try:
         import uvloop
 
-        return uvloop.run(run_async(cfg, handle, progress))
+        return uvloop.run(run_async(cfg, handle, progress, cluster))
     except ImportError:
-        return asyncio.run(run_async(cfg, handle, progress))
+        return asyncio.run(run_async(cfg, handle, progress, cluster))
 
 
 def reconcile_and_stop(
-    cfg: RunConfig, handle: ServerHandle, own_redis: procs.Spawned | None, result: dict[str, Any]
+    cfg: RunConfig, handle: ServerHandle, own_redis: OwnRedis | None, result: dict[str, Any]
 ) -> None:
     """Reconcile the books against the live data store, then stop what was started."""
     if cfg.kind == "livegift" and cfg.reconcile:
@@ -124,7 +152,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if idle_wait is not None:
         result["machine"]["wait_idle"] = idle_wait
     try:
-        result.update(run_phases(cfg, handle, progress))
+        cluster = own_redis if isinstance(own_redis, rcluster.SpawnedCluster) else None
+        result.update(run_phases(cfg, handle, progress, cluster))
     except Exception as e:
         result["failed"] = f"{type(e).__name__}: {e}"
         if handle.spawned is not None:
