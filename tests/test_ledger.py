@@ -31,6 +31,31 @@ from tests.conftest import CLUSTER, PAYMENT_SECRET, ROOT, SECRET, uid
 SETTINGS = Settings(secret=SECRET, payment_secret=PAYMENT_SECRET, gift_rate=1000, gift_burst=1000)
 
 
+def pid(creator: User, suffix: str) -> str:
+    """A payout id of the creator's partition (keys.new_payout_id)."""
+    return keys.new_payout_id(creator.id, suffix)
+
+
+def apart() -> tuple[User, User]:
+    """A creator and a fan in partitions of their own: each ledger holds one account's
+    entries, so the tests know which entry of which ledger is which."""
+    creator = User(uid("c"), "C")
+    fan = User(uid("f"), "F")
+    while keys.user_partition(fan.id) == keys.user_partition(creator.id):
+        fan = User(uid("f"), "F")
+    return creator, fan
+
+
+async def ledger_entry(r: Any, user: User, kind: str, ref: str) -> tuple[bytes, dict[bytes, Any]]:
+    """The one entry of ``kind`` and ``ref`` in the ledger of the user's partition."""
+    rows: list[tuple[bytes, dict[bytes, Any]]]
+    rows = await r.xrange(keys.ledger(keys.user_partition(user.id)))
+    (row,) = [
+        (sid, f) for sid, f in rows if (f[b"kind"], f[b"ref"]) == (kind.encode(), ref.encode())
+    ]
+    return row
+
+
 def db_url(redis_url: str, db: int) -> str:
     return redis_url.rsplit("/", 1)[0] + f"/{db}"
 
@@ -88,19 +113,25 @@ async def test_payouts_math_limits_idempotency_and_settlement(
     universe = ledger.catalog.gift("universe")
     await ledger.gift(fan, room, "big", universe, 2, adult=True)  # 69,998 diamonds
     split = payout_split(2001, SETTINGS.commission_bps)
-    p1, replayed = await ledger.create_payout(creator, "po_1", split, "fp1", "key-1")
+    p1, replayed = await ledger.create_payout(creator, pid(creator, "1"), split, "fp1", "key-1")
     assert (p1["gross"], p1["net"], p1["commission"], p1["status"]) == (2001, 1000, 1001, "pending")
     assert not replayed
-    again, replayed = await ledger.create_payout(creator, "po_1b", split, "fp1", "key-1")
+    again, replayed = await ledger.create_payout(creator, pid(creator, "1b"), split, "fp1", "key-1")
     assert replayed and again == p1
     with pytest.raises(IdempotencyConflict):
-        await ledger.create_payout(creator, "po_1c", payout_split(3000, 5000), "fp2", "key-1")
+        await ledger.create_payout(
+            creator, pid(creator, "1c"), payout_split(3000, 5000), "fp2", "key-1"
+        )
     with pytest.raises(BelowMinimum):
-        await ledger.create_payout(creator, "po_2", payout_split(999, 5000), "fp3", "key-2")
+        await ledger.create_payout(
+            creator, pid(creator, "2"), payout_split(999, 5000), "fp3", "key-2"
+        )
     with pytest.raises(InsufficientFunds):
-        await ledger.create_payout(creator, "po_3", payout_split(10**6, 5000), "fp4", "key-3")
+        await ledger.create_payout(
+            creator, pid(creator, "3"), payout_split(10**6, 5000), "fp4", "key-3"
+        )
     assert await ledger.wallet(creator.id) == (0, 69998 - 2001)
-    await ledger.settle_payout("po_1", "failed")
+    await ledger.settle_payout(pid(creator, "1"), "failed")
     assert await ledger.wallet(creator.id) == (0, 69998)
     assert (await ledger.payouts(creator.id))[0]["status"] == "failed"
     # The daily cap is on net cents: 100,000 net needs 200,000 gross at 50 %.
@@ -108,10 +139,14 @@ async def test_payouts_math_limits_idempotency_and_settlement(
         secret=SECRET, payment_secret=PAYMENT_SECRET, payout_daily_cap_cents=20_000
     )
     capped = Ledger(ledger.redis, cap_settings, ledger.catalog)
-    await capped.create_payout(creator, "po_4", payout_split(30_000, 5000), "fp5", "key-4")
+    await capped.create_payout(
+        creator, pid(creator, "4"), payout_split(30_000, 5000), "fp5", "key-4"
+    )
     with pytest.raises(PayoutLimit):
-        await capped.create_payout(creator, "po_5", payout_split(12_000, 5000), "fp6", "key-5")
-    paid = await capped.settle_payout("po_4", "paid")
+        await capped.create_payout(
+            creator, pid(creator, "5"), payout_split(12_000, 5000), "fp6", "key-5"
+        )
+    paid = await capped.settle_payout(pid(creator, "4"), "paid")
     assert paid["status"] == "paid"
     report = reconcile(store.connect_sync(db_url_of(ledger)), progress=None)
     assert report.ok, report.render()
@@ -187,11 +222,11 @@ async def test_reconcile_is_consistent_while_money_moves(ledger: Ledger, streams
             n += 1
             split = payout_split(1000, SETTINGS.commission_bps)
             try:
-                await fast.create_payout(creator, f"po_live{n}", split, "fp", f"k{n}")
+                await fast.create_payout(creator, pid(creator, f"live{n}"), split, "fp", f"k{n}")
             except InsufficientFunds:  # paid ones keep the diamonds; roses refill slowly
                 await asyncio.sleep(0.01)
                 continue
-            await fast.settle_payout(f"po_live{n}", "paid" if n % 4 == 0 else "failed")
+            await fast.settle_payout(pid(creator, f"live{n}"), "paid" if n % 4 == 0 else "failed")
 
     tasks = [asyncio.create_task(gifting(f)) for f in fans] + [asyncio.create_task(cashing_out())]
     client = store.connect_sync(db_url_of(ledger))
@@ -206,7 +241,8 @@ async def test_reconcile_is_consistent_while_money_moves(ledger: Ledger, streams
     final = reconcile(client, progress=None)
     client.close()
     assert final.ok and final.payouts > 0
-    assert final.minted == final.coins + final.diamonds + final.held
+    assert final.in_flight == 0  # every gift was answered: landed
+    assert final.minted == final.coins + final.diamonds + final.held + final.in_flight
 
 
 class PayoutsListed:
@@ -222,16 +258,17 @@ class PayoutsListed:
 
     def scan_iter(self, match: str, **kw: Any) -> Iterator[bytes]:
         yield from self.client.scan_iter(match=match, **kw)
-        if match.startswith(keys.PAYOUT_PREFIX) and not self.ran:
+        if match.endswith("}:payout:*") and not self.ran:
             self.ran = True
             self.then()
 
 
+# What happens in the window -> the payout (its id's suffix) reported missing, if any.
 IN_THE_WINDOW = {
     "payout created": "",
     "payout created and failed": "",
-    "payout created, hash deleted": "ledger moves diamonds for payout po_late, which does not exist",
-    "listed payout's hash deleted": "ledger moves diamonds for payout po_b, which does not exist",
+    "payout created, hash deleted": "late",
+    "listed payout's hash deleted": "b",
 }
 
 
@@ -246,20 +283,20 @@ async def test_reconcile_judges_payouts_created_after_it_lists_them(
     await buy(ledger, fan)
     await ledger.gift(fan, room, "g1", ledger.catalog.gift("galaxy"), 3, adult=True)
     split = payout_split(1000, SETTINGS.commission_bps)
-    await ledger.create_payout(creator, "po_a", split, "fp", "ka")
-    await ledger.create_payout(creator, "po_b", split, "fp", "kb")
-    await ledger.settle_payout("po_a", "failed")
+    await ledger.create_payout(creator, pid(creator, "a"), split, "fp", "ka")
+    await ledger.create_payout(creator, pid(creator, "b"), split, "fp", "kb")
+    await ledger.settle_payout(pid(creator, "a"), "failed")
     loop = asyncio.get_running_loop()
 
     async def meanwhile() -> None:
         if what.startswith("payout created"):
-            await ledger.create_payout(creator, "po_late", split, "fp", "klate")
+            await ledger.create_payout(creator, pid(creator, "late"), split, "fp", "klate")
         if what == "payout created and failed":
-            await ledger.settle_payout("po_late", "failed")
+            await ledger.settle_payout(pid(creator, "late"), "failed")
         elif what == "payout created, hash deleted":
-            await ledger.redis.delete(keys.payout("po_late"))
+            await ledger.redis.delete(keys.payout(pid(creator, "late")))
         elif what == "listed payout's hash deleted":
-            await ledger.redis.delete(keys.payout("po_b"))
+            await ledger.redis.delete(keys.payout(pid(creator, "b")))
 
     def then() -> None:
         asyncio.run_coroutine_threadsafe(meanwhile(), loop).result(timeout=30)
@@ -269,8 +306,9 @@ async def test_reconcile_judges_payouts_created_after_it_lists_them(
     report = await asyncio.to_thread(reconcile, proxy, None)
     client.close()
     assert proxy.ran
-    expect = IN_THE_WINDOW[what]
-    if expect:
+    missing = IN_THE_WINDOW[what]
+    if missing:
+        expect = f"ledger moves diamonds for payout {pid(creator, missing)}, which does not exist"
         assert report.problems == [expect], report.problems
     else:
         assert report.ok, report.problems
@@ -285,11 +323,12 @@ async def test_reconcile_reports_an_unknown_kind(ledger: Ledger) -> None:
     client = store.connect_sync(db_url_of(ledger))
     assert reconcile(client, progress=None).ok
     r: Any = ledger.redis
-    n = await r.incr(keys.ENTRY_SEQ)
+    part = keys.user_partition(fan.id)
+    eid = await r.incr(keys.entry_seq(part)) * keys.PARTITIONS + part
     await r.xadd(
-        keys.LEDGER,
+        keys.ledger(part),
         {
-            "id": n,
+            "id": eid,
             "ts": 1,
             "kind": "bonus",
             "account": fan.id,
@@ -299,13 +338,14 @@ async def test_reconcile_reports_an_unknown_kind(ledger: Ledger) -> None:
             "counterparty": "payouts",
             "ref": "po_bonus",
             "room": "",
+            "xfer": "",
         },
     )
     await r.hincrby(keys.wallet(fan.id), "diamonds", -5)
     report = reconcile(client, progress=None)
     client.close()
     assert not report.ok
-    assert f"ledger entry {n}: unknown kind 'bonus'" in report.problems, report.problems
+    assert f"ledger entry {eid}: unknown kind 'bonus'" in report.problems, report.problems
     assert not any("payout" in p for p in report.problems), report.problems
 
 
@@ -326,59 +366,75 @@ TAMPERING = [
 
 @pytest.mark.parametrize("how", TAMPERING)
 async def test_reconcile_catches_tampering(ledger: Ledger, streams: Streams, how: str) -> None:
-    creator, fan = User(uid("c"), "C"), User(uid("f"), "F")
+    creator, fan = apart()
     room, _ = await streams.start_stream(creator, "t")
     await buy(ledger, fan)
     await ledger.gift(fan, room, "g1", ledger.catalog.gift("galaxy"), 3, adult=True)
     split = payout_split(1000, SETTINGS.commission_bps)
-    await ledger.create_payout(creator, "po_a", split, "fp", "ka")
-    await ledger.create_payout(creator, "po_b", split, "fp", "kb")
-    await ledger.settle_payout("po_a", "failed")
+    await ledger.create_payout(creator, pid(creator, "a"), split, "fp", "ka")
+    await ledger.create_payout(creator, pid(creator, "b"), split, "fp", "kb")
+    await ledger.settle_payout(pid(creator, "a"), "failed")
     client = store.connect_sync(db_url_of(ledger))
     assert reconcile(client, progress=None).ok
     r: Any = ledger.redis
-    entries = await r.xrange(keys.LEDGER)  # purchase, debit, credit, payout, payout, reversal
+    # The fan's ledger: purchase, debit. The creator's: credit, payout, payout, reversal.
+    pf, pc, b = keys.user_partition(fan.id), keys.user_partition(creator.id), pid(creator, "b")
+    debit_sid, debit = await ledger_entry(r, fan, "gift_debit", "g1")
+    _, credit = await ledger_entry(r, creator, "gift_credit", "g1")
     expect = {
-        "wallet": f"account {creator.id}: diamonds",
-        "minted counter": "minted counter",
-        "held counter": "held counter",
-        "payout gross": "payout po_b: gross 1001 != net 500 + commission 500",
-        "payout status": "payout po_b is failed: expected 1 reversal",
-        "payout unknown status": "payout po_b: unknown status 'lost'",
-        "payout hash deleted": "payout po_b, which does not exist",
-        "payout entry deleted": "payout po_b: expected one payout entry",
-        "gift entry deleted": "id 3 follows 1",
-        "forged debit": "gift debit without its credit",
-        "wallet before a later entry": f"account {fan.id}: entry 7 says coins balance",
+        "wallet": [f"account {creator.id}: diamonds"],
+        "minted counter": [f"partition {pf}: minted counter"],
+        "held counter": [f"partition {pc}: held counter"],
+        "payout gross": [f"payout {b}: gross 1001 != net 500 + commission 500"],
+        "payout status": [f"payout {b} is failed: expected 1 reversal"],
+        "payout unknown status": [f"payout {b}: unknown status 'lost'"],
+        "payout hash deleted": [f"ledger moves diamonds for payout {b}, which does not exist"],
+        "payout entry deleted": [f"payout {b}: expected one payout entry"],
+        "gift entry deleted": [
+            f"gift_credit entry {credit[b'id'].decode()} names transfer "
+            f"{debit[b'id'].decode()}, whose gift debit is not in the ledger",
+            f"partition {pf}: ledger entry counter is 2 but the ledger ends at entry 1",
+        ],
+        "forged debit": [
+            f"gift debit {3 * keys.PARTITIONS + pf} was neither landed nor voided "
+            "and is not in the outbox: lost"
+        ],
+        "wallet before a later entry": [
+            f"account {fan.id}: entry {3 * keys.PARTITIONS + pf} says coins balance"
+        ],
     }[how]
     if how == "wallet":
         await r.hincrby(keys.wallet(creator.id), "diamonds", -1)
     elif how == "minted counter":
-        await r.incrby(keys.MINTED, 7)
+        await r.incrby(keys.minted(pf), 7)
     elif how == "held counter":
-        await r.incrby(keys.HELD, 1)
+        await r.incrby(keys.held(pc), 1)
     elif how == "payout gross":
-        await r.hset(keys.payout("po_b"), "gross", 1001)
+        await r.hset(keys.payout(pid(creator, "b")), "gross", 1001)
     elif how == "payout status":
-        await r.hset(keys.payout("po_b"), "status", "failed")
+        await r.hset(keys.payout(pid(creator, "b")), "status", "failed")
     elif how == "payout unknown status":
-        await r.hset(keys.payout("po_b"), "status", "lost")
+        await r.hset(keys.payout(pid(creator, "b")), "status", "lost")
     elif how == "payout hash deleted":
-        await r.delete(keys.payout("po_b"))
+        await r.delete(keys.payout(pid(creator, "b")))
     elif how == "payout entry deleted":
-        await r.xdel(keys.LEDGER, entries[4][0])
+        sid, _ = await ledger_entry(r, creator, "payout", b)
+        await r.xdel(keys.ledger(pc), sid)
     elif how == "gift entry deleted":
-        await r.xdel(keys.LEDGER, entries[1][0])
-    elif how == "forged debit":
-        fields = {k.decode(): v for k, v in entries[1][1].items()}
-        await r.xadd(keys.LEDGER, {**fields, "id": await r.incr(keys.ENTRY_SEQ)})
+        await r.xdel(keys.ledger(pf), debit_sid)
+    elif how == "forged debit":  # a copy of the debit, balanced, in its own name: no credit
+        eid = await r.incr(keys.entry_seq(pf)) * keys.PARTITIONS + pf
+        left = await r.hincrby(keys.wallet(fan.id), "coins", -3000)
+        fields = {k.decode(): v for k, v in debit.items()}
+        await r.xadd(keys.ledger(pf), {**fields, "id": eid, "xfer": eid, "balance": left})
     elif how == "wallet before a later entry":
         await r.hincrby(keys.wallet(fan.id), "coins", 5)
         await ledger.gift(fan, room, "g2", ledger.catalog.gift("rose"), 1, adult=True)
     report = reconcile(client, progress=None)
     client.close()
     assert not report.ok
-    assert any(expect in p for p in report.problems), report.problems
+    for text in expect:
+        assert any(text in p for p in report.problems), (text, report.problems)
     assert "FAILED" in report.render()
 
 

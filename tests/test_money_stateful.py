@@ -9,8 +9,12 @@ statement of the rules in PROTOCOL §2-4. After every step the wallets, counters
 and every account's ledger entries must equal the model's; after every sequence
 ``reconcile()`` must pass and agree with the model's totals.
 
-Concurrent gifts are checked for linearisability: the outcomes must equal those of some
-serial order of the same gifts, and the ledger must show that order.
+A gift is two atomic steps in two partitions (livegift/keys.py): the send step debits the
+viewer, the land step credits the creator (or, the room being no longer live, gives the
+coins back). Concurrent gifts are checked for linearisability of those steps: some
+interleaving of them, each gift's send before its land, must give exactly the outcomes
+(the balance from the send step; seq and combo from the land step) and every account's
+ledger entries.
 
 The state machine is synchronous, so each machine runs its own event loop with a
 ``redis.asyncio`` client created inside it.
@@ -22,7 +26,7 @@ import asyncio
 import copy
 import itertools
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
 from math import floor
 from types import SimpleNamespace
@@ -74,6 +78,8 @@ SETTINGS = Settings(
 ADULTS = ("ann", "bob", "cat", "dan")
 KID = "kid"
 ROOMS = {"room-ann": "ann", "room-bob": "bob", "room-gone": None}
+# The rooms' real ids: of their creator's partition (keys.new_room_id); none for no room.
+ROOM_IDS = {room: keys.new_room_id(c, room) if c else room for room, c in ROOMS.items()}
 PACKAGES = {"p65": 65, "p330": 330, "p1321": 1321, "p6607": 6607}  # coins, every region
 GIFTS = {  # id: (coins, streakable), from PROTOCOL's example catalogue
     "rose": (1, True),
@@ -97,6 +103,7 @@ packages = st.sampled_from(("p6607", "p1321", "p330", "p65"))
 
 Outcome = tuple[Any, ...]
 Entry = tuple[int, str, str, int, int, str, str]  # id, kind, asset, amount, after, cp, ref
+Fingerprint = tuple[str, str, int]  # room, gift, count
 
 
 def split(gross: int, bps: int) -> tuple[int, int]:
@@ -115,6 +122,34 @@ class Payout:
     day: str
 
 
+@dataclass(frozen=True)
+class Xfer:
+    """A gift its send step debited, as its req remembers it: what the land step needs,
+    then what the land step did (``landed``: seq and combo; or ``voided``)."""
+
+    sender: str
+    creator: str
+    room: str
+    req: str
+    gift: str
+    count: int
+    cost: int
+    day: str
+    balance: int  # the sender's coins right after the debit
+    landed: tuple[int, int] | None = None
+    voided: bool = False
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What a call's send step hands its land step: the transfer (named by the sender and
+    the req) and the call's answer so far."""
+
+    key: tuple[str, str]
+    balance: int
+    replay: bool
+
+
 @dataclass
 class Model:
     """The money rules, stated independently of the Lua scripts."""
@@ -124,9 +159,9 @@ class Model:
     diamonds: dict[str, int] = field(default_factory=dict)
     minted: int = 0
     held: int = 0
-    n: int = 0  # ledger entries so far
+    n: dict[int, int] = field(default_factory=dict)  # ledger entries so far, per partition
     receipts: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
-    reqs: dict[tuple[str, str], tuple[tuple[str, str, int], Outcome]] = field(default_factory=dict)
+    reqs: dict[tuple[str, str], tuple[Fingerprint, Xfer]] = field(default_factory=dict)
     seq: dict[str, int] = field(default_factory=dict)
     live: dict[str, bool] = field(default_factory=dict)
     streak: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
@@ -138,10 +173,30 @@ class Model:
     paid_today: dict[tuple[str, str], int] = field(default_factory=dict)
     entries: dict[str, list[Entry]] = field(default_factory=dict)
 
-    def entry(self, account: str, kind: str, asset: str, amount: int, cp: str, ref: str) -> None:
-        self.n += 1
+    def fork(self) -> Model:
+        """A copy to try a step on. Every dict is new; the values in them are immutable
+        (tuples, frozen Xfers, settings), except the entry lists and payouts, copied too."""
+        new = copy.copy(self)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                setattr(new, f.name, dict(value))
+        new.entries = {account: list(rows) for account, rows in self.entries.items()}
+        new.payouts = {pid: copy.copy(p) for pid, p in self.payouts.items()}
+        return new
+
+    def entry(self, account: str, kind: str, asset: str, amount: int, cp: str, ref: str) -> int:
+        """Append an entry to the account's partition's ledger; its ledger-wide id."""
+        part = keys.user_partition(account)
+        self.n[part] = self.n.get(part, 0) + 1
+        n = self.n[part] * keys.PARTITIONS + part
         after = (self.coins if asset == "coins" else self.diamonds)[account]
-        self.entries.setdefault(account, []).append((self.n, kind, asset, amount, after, cp, ref))
+        self.entries.setdefault(account, []).append((n, kind, asset, amount, after, cp, ref))
+        return n
+
+    @property
+    def entry_count(self) -> int:
+        return sum(self.n.values())
 
     def purchase(self, user: str, txn: str, package: str, region: str) -> Outcome:
         if txn in self.receipts:
@@ -153,9 +208,9 @@ class Model:
         coins = PACKAGES[package]
         self.coins[user] += coins
         self.minted += coins
-        self.entry(user, "purchase", "coins", coins, "store", txn)
+        n = self.entry(user, "purchase", "coins", coins, "store", txn)
         transaction = {
-            "id": f"t{self.n}",
+            "id": f"t{n}",
             "txn": txn,
             "user": user,
             "coins": coins,
@@ -168,48 +223,79 @@ class Model:
         return ("ok", transaction, self.coins[user], self.diamonds[user], False)
 
     def gift(self, sender: str, room: str, req: str, gift: str, count: int, day: str) -> Outcome:
+        """A whole gift: its send step, then at once its land step."""
+        sent = self.gift_send(sender, room, req, gift, count, day)
+        return self.gift_land(sent) if isinstance(sent, Sent) else sent
+
+    def gift_send(
+        self, sender: str, room: str, req: str, gift: str, count: int, day: str
+    ) -> Sent | Outcome:
+        """Step 1, in the sender's partition: every check, then the debit. A req seen before
+        is a replay of its transfer (or a conflict); a refused gift changes nothing."""
         fingerprint = (room, gift, count)
         if (sender, req) in self.reqs:
-            first, outcome = self.reqs[(sender, req)]
+            first, x = self.reqs[(sender, req)]
             if first != fingerprint:
                 return ("error", "idempotency_conflict")
-            return (*outcome[:-1], True)
+            return Sent((sender, req), x.balance, True)
+        creator = ROOMS[room]
+        if creator is None:  # no such room: refused before anything is debited
+            return ("error", "stream_not_live")
         if sender == KID:
             return ("error", "not_adult")
-        if not self.live.get(room, False):
-            return ("error", "stream_not_live")
-        creator = ROOMS[room]
-        assert creator is not None
         if creator == sender:
             return ("error", "self_gift")
-        unit, streakable = GIFTS[gift]
-        cost = unit * count
+        cost = GIFTS[gift][0] * count
         if self.coins[sender] < cost:
             return ("error", "insufficient_funds")
         cap, spent = self.cfg.daily_spend_cap, self.spend.get((sender, day), 0)
         if cap and spent + cost > cap:
             return ("error", "rate_limited")
+        self.coins[sender] -= cost
         if cap:  # with no cap, nothing counts the day's spending
             self.spend[(sender, day)] = spent + cost
-        self.coins[sender] -= cost
-        self.diamonds[creator] += cost
         self.entry(sender, "gift_debit", "coins", -cost, creator, req)
-        self.entry(creator, "gift_credit", "diamonds", cost, sender, req)
-        combo = count
-        if streakable:
-            last = self.streak.get((room, sender))
-            if last is not None and last[0] == gift:
-                combo = last[1] + count
-            self.streak[(room, sender)] = (gift, combo)
+        x = Xfer(sender, creator, room, req, gift, count, cost, day, self.coins[sender])
+        self.reqs[(sender, req)] = (fingerprint, x)
+        return Sent((sender, req), x.balance, False)
+
+    def gift_land(self, sent: Sent) -> Outcome:
+        """Step 2: the transfer lands in the creator's partition or, the room being no
+        longer live, is void and its coins go back to the sender. Once per transfer: the
+        first call to get here does it, and every call that sent it answers the same."""
+        fingerprint, x = self.reqs[sent.key]
+        if x.landed is None and not x.voided:
+            x = self._land(x) if self.live.get(x.room, False) else self._void(x)
+            self.reqs[sent.key] = (fingerprint, x)
+        if x.landed is None:
+            return ("error", "stream_not_live")
+        seq, combo = x.landed
+        return ("ok", sent.balance, seq, combo, sent.replay)
+
+    def _land(self, x: Xfer) -> Xfer:
+        self.diamonds[x.creator] += x.cost
+        self.entry(x.creator, "gift_credit", "diamonds", x.cost, x.sender, x.req)
+        combo = x.count
+        if GIFTS[x.gift][1]:  # streakable
+            last = self.streak.get((x.room, x.sender))
+            if last is not None and last[0] == x.gift:
+                combo = last[1] + x.count
+            self.streak[(x.room, x.sender)] = (x.gift, combo)
         else:
-            self.streak.pop((room, sender), None)
-        self.seq[room] += 1
-        seq = self.seq[room]
-        if cost >= self.cfg.auto_shoutout_coins:
-            self.seq[room] += 1
-        outcome = ("ok", self.coins[sender], seq, combo, False)
-        self.reqs[(sender, req)] = (fingerprint, outcome)
-        return outcome
+            self.streak.pop((x.room, x.sender), None)
+        self.seq[x.room] += 1
+        seq = self.seq[x.room]
+        if x.cost >= self.cfg.auto_shoutout_coins:
+            self.seq[x.room] += 1
+        return replace(x, landed=(seq, combo))
+
+    def _void(self, x: Xfer) -> Xfer:
+        """The coins, and the day's spending, go back to the sender."""
+        self.coins[x.sender] += x.cost
+        if self.cfg.daily_spend_cap:
+            self.spend[(x.sender, x.day)] -= x.cost
+        self.entry(x.sender, "gift_refund", "coins", x.cost, x.creator, x.req)
+        return replace(x, voided=True)
 
     def payout(self, user: str, body: dict[str, Any], key: str | None, day: str) -> Outcome:
         """("ok", expected payout or first response, replayed) or ("error", code)."""
@@ -279,6 +365,75 @@ def code_of(exc: BaseException) -> Outcome:
     raise exc
 
 
+Call = tuple[str, str, str, str, int, str]  # sender, room, req, gift, count, day
+# Where a call is: None (to send), Sent (sent, to land) or its answer (done).
+Todo = Sent | Outcome | None
+
+
+def interleave(
+    model: Model, calls: list[Call], got: list[Outcome], actual: dict[str, list[Entry]]
+) -> tuple[Model, tuple[int, ...]] | None:
+    """An interleaving of the calls' steps, each call's send before its land, that answers
+    ``got`` and writes exactly the ``actual`` entries: the model after it, and the calls'
+    indices in the order of their steps. None if there is none.
+
+    A gift is two atomic steps in two partitions, so concurrent gifts may interleave in
+    ways no serial order of whole gifts gives. Depth first, each step checked as it is
+    taken (its answer so far, and its entries against the ledger at the same places), so
+    a wrong order dies at its first wrong step; 4 calls make at most 8 steps."""
+
+    def search(
+        m: Model, todo: tuple[Todo, ...], steps: tuple[int, ...]
+    ) -> tuple[Model, tuple[int, ...]] | None:
+        if all(isinstance(t, tuple) for t in todo):
+            return (m, steps) if entries_of(m) == actual else None
+        for i, t in enumerate(todo):
+            if isinstance(t, tuple):
+                continue
+            after = m.fork()
+            if t is None:
+                step = after.gift_send(*calls[i])
+                fits = could_answer(step, got[i])
+            else:
+                step = after.gift_land(t)
+                fits = step == got[i]
+            if fits and wrote_actual(m, after, actual):
+                found = search(after, (*todo[:i], step, *todo[i + 1 :]), (*steps, i))
+                if found is not None:
+                    return found
+        return None
+
+    return search(model, (None,) * len(calls), ())
+
+
+def serial(steps: tuple[int, ...]) -> bool:
+    """Whether each call's steps are next to each other (whole gifts, one after another)."""
+    return len(list(itertools.groupby(steps))) == len(set(steps))
+
+
+def could_answer(sent: Sent | Outcome, answer: Outcome) -> bool:
+    """Whether a call whose send step gave ``sent`` can have answered ``answer``: a
+    refusal is the answer; a debit (or replay) lands with its balance, or is void."""
+    if not isinstance(sent, Sent):
+        return sent == answer
+    if answer == ("error", "stream_not_live"):
+        return True
+    return answer[0] == "ok" and (answer[1], answer[4]) == (sent.balance, sent.replay)
+
+
+def wrote_actual(before: Model, after: Model, actual: dict[str, list[Entry]]) -> bool:
+    """Whether the entries a step added are the actual ledger's at the same places."""
+    for account, rows in after.entries.items():
+        start = len(before.entries.get(account, ()))
+        if rows[start:] != actual.get(account, [])[start : len(rows)]:
+            return False
+    return True
+
+
+def entries_of(model: Model) -> dict[str, list[Entry]]:
+    return {user: model.entries.get(user, []) for user in (*ADULTS, KID)}
+
+
 class MoneyMachine(RuleBasedStateMachine):
     url = ""
 
@@ -294,7 +449,8 @@ class MoneyMachine(RuleBasedStateMachine):
             self.model.coins[user] = self.model.diamonds[user] = 0
         for room, creator in ROOMS.items():
             if creator is not None:
-                self.run(self.streams.start_stream_as(User(creator, creator.title()), "t", room))
+                real = ROOM_IDS[room]
+                self.run(self.streams.start_stream_as(User(creator, creator.title()), "t", real))
                 self.model.seq[room], self.model.live[room] = 0, True
         self.counter = itertools.count(1)
 
@@ -387,7 +543,12 @@ class MoneyMachine(RuleBasedStateMachine):
     async def _gift(self, sender: str, room: str, req: str, gift: str, count: int) -> Outcome:
         try:
             o = await self.ledger.gift(
-                self.user(sender), room, req, CATALOG.gift(gift), count, adult=sender != KID
+                self.user(sender),
+                ROOM_IDS[room],
+                req,
+                CATALOG.gift(gift),
+                count,
+                adult=sender != KID,
             )
         except LiveGiftError as exc:
             return code_of(exc)
@@ -451,20 +612,16 @@ class MoneyMachine(RuleBasedStateMachine):
         for outcome in got:
             label("concurrent gift", outcome)
         actual = self.run(self._all_entries())
-        for order in itertools.permutations(range(len(calls))):
-            model = copy.deepcopy(self.model)
-            expected: list[Outcome] = [()] * len(calls)
-            for i in order:
-                expected[i] = model.gift(*calls[i], day)
-            if expected == got and self._entries_of(model) == actual:
-                self.model = model
-                return
-        raise AssertionError(f"no serial order of {calls} gives {got}")
+        found = interleave(self.model, [(*call, day) for call in calls], got, actual)
+        if found is None:
+            raise AssertionError(f"no interleaving of the steps of {calls} gives {got}")
+        self.model, steps = found
+        event(f"concurrent gifts: {'serial' if serial(steps) else 'interleaved'} steps")
 
-    @precondition(lambda self: self.model.live.get("room-bob") and self.model.n > 40)
+    @precondition(lambda self: self.model.live.get("room-bob") and self.model.entry_count > 40)
     @rule()
     def end_bobs_stream(self) -> None:
-        seq = self.run(self.streams.end_stream(self.user("bob"), "room-bob"))
+        seq = self.run(self.streams.end_stream(self.user("bob"), ROOM_IDS["room-bob"]))
         self.model.seq["room-bob"] += 1
         self.model.live["room-bob"] = False
         assert seq == self.model.seq["room-bob"]
@@ -574,20 +731,24 @@ class MoneyMachine(RuleBasedStateMachine):
             ]
         return out
 
-    @staticmethod
-    def _entries_of(model: Model) -> dict[str, list[Entry]]:
-        return {user: model.entries.get(user, []) for user in (*ADULTS, KID)}
-
     async def _state(self, day: str) -> dict[str, Any]:
         wallets = {u: await self.ledger.wallet(u) for u in (*ADULTS, KID)}
-        counters = await self.redis.mget([keys.MINTED, keys.HELD, keys.ENTRY_SEQ])
+        parts = sorted({keys.user_partition(u) for u in (*ADULTS, KID)})
+        minted = await self.redis.mget([keys.minted(p) for p in parts])
+        held = await self.redis.mget([keys.held(p) for p in parts])
+        seqs = await self.redis.mget([keys.entry_seq(p) for p in parts])
+        counters: list[Any] = [
+            sum(int(c or 0) for c in minted),
+            sum(int(c or 0) for c in held),
+            {p: int(n) for p, n in zip(parts, seqs, strict=True) if n},  # entries per partition
+        ]
         daily = await self.redis.mget(
             [keys.spend(u, day) for u in ADULTS] + [keys.payout_cap(u, day) for u in ADULTS]
         )
         listed = {u: await self.ledger.payouts(u) for u in ADULTS}
         return {
             "wallets": wallets,
-            "counters": [int(c or 0) for c in counters],
+            "counters": counters,
             "daily": [int(c or 0) for c in daily],
             "payouts": {
                 p["id"]: (u, p["gross"], p["net"], p["commission"], p["status"])
@@ -602,20 +763,21 @@ class MoneyMachine(RuleBasedStateMachine):
         m, day = self.model, today()
         state = self.run(self._state(day))
         assert state["wallets"] == {u: (m.coins[u], m.diamonds[u]) for u in (*ADULTS, KID)}
-        assert state["counters"] == [m.minted, m.held, m.n]
+        assert state["counters"] == [m.minted, m.held, m.n]  # n: entries per partition
         assert state["daily"] == [m.spend.get((u, day), 0) for u in ADULTS] + [
             m.paid_today.get((u, day), 0) for u in ADULTS
         ]
         assert state["payouts"] == {
             pid: (p.user, p.gross, p.net, p.commission, p.status) for pid, p in m.payouts.items()
         }
-        assert state["entries"] == self._entries_of(m)
+        assert state["entries"] == entries_of(m)
         assert m.minted == sum(m.coins.values()) + sum(m.diamonds.values()) + m.held
 
     def teardown(self) -> None:
         try:
             if sys.exc_info()[0] is not None:
                 return  # a step already failed: report that, not its aftermath
+            self.run(self.ledger.aclose())  # landed transfers leave their outboxes
             client = sync_redis.Redis.from_url(self.url)
             try:
                 report = reconcile(client, progress=None)
@@ -623,12 +785,13 @@ class MoneyMachine(RuleBasedStateMachine):
                 client.close()
             assert report.ok, report.render()
             m = self.model
-            assert (report.minted, report.held, report.entries) == (m.minted, m.held, m.n)
+            assert (report.minted, report.held, report.entries) == (m.minted, m.held, m.entry_count)
             assert (report.coins, report.diamonds) == (
                 sum(m.coins.values()),
                 sum(m.diamonds.values()),
             )
         finally:
+            self.run(self.ledger.aclose())
             self.run(self.redis.aclose())
             self.loop.close()
 
@@ -646,3 +809,36 @@ def test_money_rules_hold_over_random_sequences(redis_url: str) -> None:
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+
+def test_interleave_explains_crossed_gifts_and_nothing_impossible() -> None:
+    """Ann and Bob gift each other at once: both sends, then both lands. No serial order
+    of whole gifts writes those ledgers, an interleaving of their steps does; ledgers no
+    interleaving writes (each credit before its account's own debit), or other answers,
+    are refused."""
+    start = Model()
+    for user in (*ADULTS, KID):
+        start.coins[user], start.diamonds[user] = 2000, 0
+    start.seq = {"room-ann": 0, "room-bob": 0}
+    start.live = {"room-ann": True, "room-bob": True}
+    calls = [("ann", "room-bob", "a", "galaxy", 1, "d"), ("bob", "room-ann", "b", "galaxy", 1, "d")]
+    crossed = start.fork()
+    sent = [crossed.gift_send(*call) for call in calls]
+    got = [crossed.gift_land(s) for s in sent if isinstance(s, Sent)]
+    actual = entries_of(crossed)
+    assert got == [("ok", 1000, 1, 1, False)] * 2 and len(actual["ann"]) == 2
+    for order in (calls, calls[::-1]):
+        whole = start.fork()
+        for call in order:
+            whole.gift(*call)
+        assert entries_of(whole) != actual
+    found = interleave(start, calls, got, actual)
+    assert found is not None and entries_of(found[0]) == actual
+    assert found[1] == (0, 1, 0, 1) and not serial(found[1])
+    assert start.entry_count == 0  # the search leaves its starting model alone
+    swapped = {
+        u: [(rows[0][0], *rows[1][1:]), (rows[1][0], *rows[0][1:])] if rows else rows
+        for u, rows in actual.items()
+    }
+    assert interleave(start, calls, got, swapped) is None
+    assert interleave(start, calls, [got[0], ("ok", 1000, 2, 1, False)], actual) is None
