@@ -108,7 +108,6 @@ def gift_send_call(
         keys.gift_req(user.id, req),
         keys.rate(user.id),
         keys.spend(user.id, today()),
-        keys.name(user.id),
         keys.ledger(part),
         keys.entry_seq(part),
         keys.account(user.id),

@@ -50,6 +50,8 @@ async def _run(args: argparse.Namespace, url: str) -> dict[str, Any]:
         secret=SECRET, payment_secret=PAYMENT, gift_rate=100_000, gift_burst=100_000
     )
     client = await connect(url, 64)
+    if args.appendfsync:
+        await client.config_set("appendfsync", args.appendfsync)
     catalog = default_catalog()
     ledger = Ledger(client, settings, catalog)
     streams = Streams(client, settings, ledger.scripts)
@@ -79,6 +81,7 @@ async def _run(args: argparse.Namespace, url: str) -> dict[str, Any]:
             await ledger.gift(v, room, f"b{n}", rose, 1, adult=True, creator=creator)
 
     pid = int((await client.info("server"))["process_id"])
+    await client.config_resetstat()
     load_before = os.getloadavg()
     cpu0, t0 = _cpu(pid), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
@@ -86,13 +89,25 @@ async def _run(args: argparse.Namespace, url: str) -> dict[str, Any]:
         await ledger.aclose()
     seconds = time.perf_counter() - t0
     cpu = _cpu(pid) - cpu0
+    stats = await client.info("commandstats")
+    per_gift = {
+        name.removeprefix("cmdstat_"): round(v["usec"] / args.gifts, 1)
+        for name, v in sorted(stats.items(), key=lambda kv: -kv[1]["usec"])[:12]
+    }
+    calls = {
+        name.removeprefix("cmdstat_"): round(v["calls"] / args.gifts, 2)
+        for name, v in sorted(stats.items(), key=lambda kv: -kv[1]["usec"])[:12]
+    }
     await client.aclose()
     return {
         "gifts": args.gifts,
+        "appendfsync": args.appendfsync or "always",
         "seconds": round(seconds, 3),
         "gifts_per_s": round(args.gifts / seconds),
         "redis_cpu_s": round(cpu, 3),
         "redis_cpu_us_per_gift": round(cpu / args.gifts * 1e6, 1),
+        "command_usec_per_gift": per_gift,
+        "command_calls_per_gift": calls,
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
     }
@@ -105,6 +120,12 @@ def main() -> None:
     p.add_argument("--viewers", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=200)
     p.add_argument("--redis-cpus", default=None, help="taskset -c for the Valkey server")
+    p.add_argument(
+        "--appendfsync",
+        choices=("always", "everysec", "no"),
+        default=None,
+        help="CONFIG SET appendfsync first (default: redis.conf's, always)",
+    )
     p.add_argument("--out", type=Path, default=Path("loadtest/results"))
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-gift-") as tmp:

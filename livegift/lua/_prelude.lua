@@ -38,11 +38,15 @@ end
 -- Append one immutable ledger entry to a partition's ledger and index it under its
 -- account. PARTITIONS is set by livegift/scripts.py. The entry's id is unique across
 -- partitions: n * PARTITIONS + part, n counting the partition's entries from 1.
--- xfer names the gift transfer of gift_debit/gift_credit/gift_refund ('' otherwise).
+-- xfer names the gift transfer of gift_debit/gift_credit/gift_refund ('' otherwise; true:
+-- this entry's own id, for the debit that starts a transfer).
 local function entry(ledger, entry_seq, acct, part, ts, kind, account, asset, amount, balance,
                      counterparty, ref, room, xfer)
   local n = redis.call('INCR', entry_seq)
   local id = n * PARTITIONS + part
+  if xfer == true then
+    xfer = fmt(id)
+  end
   local sid = redis.call('XADD', ledger, '*', 'id', fmt(id), 'ts', fmt(ts), 'kind', kind,
     'account', account, 'asset', asset, 'amount', fmt(amount), 'balance', fmt(balance),
     'counterparty', counterparty, 'ref', ref, 'room', room, 'xfer', xfer)

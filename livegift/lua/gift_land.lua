@@ -6,7 +6,8 @@
 -- coins with gift_void. Either outcome is kept under the transfer id for 25 hours, longer
 -- than a req is remembered, so every later call answers the same.
 --
--- KEYS[1] creator wallet   KEYS[2] room hash   KEYS[3] combo state   KEYS[4] room top zset
+-- KEYS[1] creator wallet   KEYS[2] room hash   KEYS[3] combo state ("<gift> <combo> <ms>")
+-- KEYS[4] room top zset
 -- KEYS[5] room history   KEYS[6] ledger stream   KEYS[7] ledger entry counter
 -- KEYS[8] creator account index   KEYS[9] the transfer's outcome   KEYS[10] sync counter
 -- ARGV[1] the transfer JSON (gift_send's)   ARGV[2] combo window ms   ARGV[3] history length
@@ -28,7 +29,8 @@ if room[1] ~= '1' or room[2] ~= t.creator then
   return 'void'
 end
 
-local now = now_ms()
+-- The gift's time is when it was sent (the debit's): its event's ts, and its streak's.
+local now = tonumber(t.ts)
 local cost, count = tonumber(t.cost), tonumber(t.count)
 local diamonds = redis.call('HINCRBY', KEYS[1], 'diamonds', cost)
 entry(KEYS[6], KEYS[7], KEYS[8], tonumber(ARGV[8]), now, 'gift_credit', t.creator, 'diamonds',
@@ -37,12 +39,14 @@ entry(KEYS[6], KEYS[7], KEYS[8], tonumber(ARGV[8]), now, 'gift_credit', t.creato
 local combo = count
 local window = tonumber(ARGV[2])
 if t.streakable then
-  local state = redis.call('HMGET', KEYS[3], 'gift', 'combo', 'ts')
-  if state[1] == t.gift and now - tonumber(state[3]) <= window then
-    combo = tonumber(state[2]) + count
+  local state = redis.call('GET', KEYS[3])
+  if state then
+    local gift, was, at = string.match(state, '^(%S+) (%d+) (%d+)$')
+    if gift == t.gift and now - tonumber(at) <= window then
+      combo = tonumber(was) + count
+    end
   end
-  redis.call('HSET', KEYS[3], 'gift', t.gift, 'combo', fmt(combo), 'ts', fmt(now))
-  redis.call('PEXPIRE', KEYS[3], window + 1000)
+  redis.call('SET', KEYS[3], t.gift .. ' ' .. fmt(combo) .. ' ' .. fmt(now), 'PX', window + 1000)
 else
   redis.call('DEL', KEYS[3])
 end

@@ -4,10 +4,10 @@
 -- the transfer in the partition's outbox, and remember the outcome under the req.
 -- gift_land (the creator's partition) then credits the creator, or voids the transfer.
 --
--- KEYS[1] viewer wallet   KEYS[2] req outcome   KEYS[3] rate bucket
--- KEYS[4] daily spend counter   KEYS[5] viewer name   KEYS[6] ledger stream
--- KEYS[7] ledger entry counter   KEYS[8] viewer account index   KEYS[9] outbox
--- KEYS[10] sync counter
+-- KEYS[1] viewer wallet   KEYS[2] req outcome   KEYS[3] rate bucket ("<tokens> <ms>")
+-- KEYS[4] daily spend counter   KEYS[5] ledger stream   KEYS[6] ledger entry counter
+-- KEYS[7] viewer account index   KEYS[8] outbox   KEYS[9] sync counter
+-- (The viewer's display name is kept when the viewer joins a room, not per gift.)
 -- ARGV[1] user id   ARGV[2] user name   ARGV[3] adult 1|0   ARGV[4] room id   ARGV[5] req
 -- ARGV[6] gift id   ARGV[7] gift name   ARGV[8] gift coins  ARGV[9] streakable 1|0
 -- ARGV[10] count    ARGV[11] rate/s     ARGV[12] burst      ARGV[13] daily cap (0 = off)
@@ -31,7 +31,7 @@ if prior then
     return redis.error_reply('idempotency_conflict')
   end
   local sep2 = string.find(prior, '\n', sep + 1, true)
-  synced(KEYS[10])
+  synced(KEYS[9])
   return {string.sub(prior, sep2 + 1), tonumber(string.sub(prior, sep + 1, sep2 - 1)), 1}
 end
 
@@ -51,10 +51,12 @@ if balance < cost then
 end
 local now = now_ms()
 local rate, burst = tonumber(ARGV[11]), tonumber(ARGV[12])
-local bucket = redis.call('HMGET', KEYS[3], 'tokens', 'ts')
+local bucket = redis.call('GET', KEYS[3])
 local tokens = burst
-if bucket[1] then
-  tokens = math.min(burst, tonumber(bucket[1]) + (now - tonumber(bucket[2])) * rate / 1000)
+if bucket then
+  local sep = string.find(bucket, ' ', 1, true)
+  local last = tonumber(string.sub(bucket, sep + 1))
+  tokens = math.min(burst, tonumber(string.sub(bucket, 1, sep - 1)) + (now - last) * rate / 1000)
 end
 if tokens < 1 then
   return redis.error_reply('rate_limited')
@@ -68,26 +70,22 @@ if cap > 0 then
 end
 
 -- All checks passed: from here on, only writes.
-redis.call('HSET', KEYS[3], 'tokens', tostring(tokens - 1), 'ts', fmt(now))
-redis.call('PEXPIRE', KEYS[3], math.ceil(burst * 1000 / rate) + 1000)
+redis.call('SET', KEYS[3], tostring(tokens - 1) .. ' ' .. fmt(now), 'PX',
+  math.ceil(burst * 1000 / rate) + 1000)
 if cap > 0 then
   redis.call('INCRBY', KEYS[4], cost)
   redis.call('EXPIRE', KEYS[4], 172800)
 end
-redis.call('SET', KEYS[5], uname)
 local left = redis.call('HINCRBY', KEYS[1], 'coins', -cost)
--- The debit's id names the transfer; the entry is written before its id is known, so
--- take the id the entry will get from the counter.
-local xfer = fmt((tonumber(redis.call('GET', KEYS[7]) or '0') + 1) * PARTITIONS
-  + tonumber(ARGV[15]))
-entry(KEYS[6], KEYS[7], KEYS[8], tonumber(ARGV[15]), now, 'gift_debit', user, 'coins', -cost,
-  left, creator, req, room_id, xfer)
+-- The debit's id names the transfer.
+local xfer = fmt(entry(KEYS[5], KEYS[6], KEYS[7], tonumber(ARGV[15]), now, 'gift_debit', user,
+  'coins', -cost, left, creator, req, room_id, true))
 local transfer = obj({
   'xfer', jstr(xfer), 'user', jstr(user), 'name', jstr(uname), 'creator', jstr(creator),
   'room', jstr(room_id), 'req', jstr(req), 'gift', jstr(gift_id), 'gift_name', jstr(ARGV[7]),
   'gift_coins', fmt(gift_coins), 'streakable', ARGV[9] == '1' and 'true' or 'false',
   'count', fmt(count), 'cost', fmt(cost), 'ts', fmt(now),
 })
-redis.call('HSET', KEYS[9], xfer, transfer)
+redis.call('HSET', KEYS[8], xfer, transfer)
 redis.call('SET', KEYS[2], fingerprint .. '\n' .. fmt(left) .. '\n' .. transfer, 'EX', 86400)
 return {transfer, left, 0}
