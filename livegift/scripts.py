@@ -8,6 +8,7 @@ store, into the :mod:`livegift.errors` tree, here and nowhere else.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -23,13 +24,37 @@ from livegift.keys import PARTITIONS
 PRELUDE = "_prelude"
 
 
+_FUNCTION = re.compile(r"^local function (\w+)\(", re.MULTILINE)
+
+
+def _prelude_functions(prelude: str) -> list[tuple[str, str]]:
+    """The prelude's functions in order: (name, its text with the comment above it)."""
+    starts = [m.start() for m in _FUNCTION.finditer(prelude)]
+    # A function's text begins after the previous function's end: with its comments.
+    ends = [prelude.rfind("\nend\n", 0, s) + 5 for s in starts[1:]] + [len(prelude)]
+    begins = [0, *ends[:-1]]
+    return [(m.group(1), prelude[b:e]) for m, b, e in
+            zip(_FUNCTION.finditer(prelude), begins, ends, strict=True)]  # fmt: skip
+
+
 @cache
 def script_source(name: str) -> str:
-    """The text Redis runs for ``name``: the prelude, then the script."""
+    """The text Redis runs for ``name``: the prelude's functions the script uses (each
+    call defines them all afresh, so unused ones would cost every call), then the script."""
     lua = resources.files("livegift").joinpath("lua")
     prelude = lua.joinpath(f"{PRELUDE}.lua").read_text("utf-8")
-    head = f"local PARTITIONS = {PARTITIONS}\n"
-    return head + prelude + "\n" + lua.joinpath(f"{name}.lua").read_text("utf-8")
+    body = lua.joinpath(f"{name}.lua").read_text("utf-8")
+    functions = _prelude_functions(prelude)
+    needed: set[str] = set()
+    text = body
+    while True:  # what the script calls, and what those call
+        more = {f for f, _ in functions if f not in needed and re.search(rf"\b{f}\(", text)}
+        if not more:
+            break
+        needed |= more
+        text = "".join(src for f, src in functions if f in more)
+    used = "".join(src for f, src in functions if f in needed)
+    return f"local PARTITIONS = {PARTITIONS}\n{used}\n{body}"
 
 
 def script_names() -> list[str]:
