@@ -22,7 +22,7 @@ Per user U (in partition P(U)):
     lg:{P}:name:<U>                string display name seen last
     lg:{P}:acct:<U>                zset  score=entry id member=stream id  U's ledger entries
     lg:{P}:req:<U>:<req>           string fingerprint \\n outcome   gift idempotency (24 h)
-    lg:{P}:rl:<U>                  hash  tokens, ts                gift rate bucket
+    lg:{P}:rl:<U>                  string "<tokens> <ms>"           gift rate bucket (expires)
     lg:{P}:spend:<U>:<yyyymmdd>    string coins spent that day     optional daily cap
     lg:{P}:txn:<txn>               string JSON transaction         receipt, credited once
     lg:{P}:creator:<U>:live        string room id of U's live stream
@@ -36,7 +36,7 @@ Per room R (in partition P(R) = P(creator of R)):
 
     lg:{P}:room:<R>                hash  creator, name, live, seq, coins, gifts, title, ...
     lg:{P}:room:<R>:hist           zset  score=seq member=event JSON   resume history
-    lg:{P}:room:<R>:combo:<U>      hash  gift, combo, ts           streak state (expires)
+    lg:{P}:room:<R>:combo:<U>      string "<gift> <combo> <ms>"     streak state (expires)
     lg:{P}:room:<R>:top            zset  user -> coins this stream
     lg:{P}:room:<R>:ch             shard channel  room events (JSON, one event per message)
     lg:{R}:presence                hash  process id -> member count (viewers)
