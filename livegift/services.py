@@ -106,6 +106,9 @@ class Services:
             except LiveGiftError as exc:
                 log.warning("gift sweep: %s", exc)
                 continue
+            except Exception:  # never let one bad round stop the sweeping
+                log.exception("gift sweep failed")
+                continue
             if done:
                 log.info("gift sweep finished %d transfer(s) left between their steps", done)
 
