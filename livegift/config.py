@@ -67,9 +67,11 @@ class Settings:
     # Development mode (PROTOCOL §8): sandbox conveniences such as POST /api/dev/receipt,
     # and sandbox receipts credit coins (marked as sandbox in the ledger). Off unless asked.
     dev_mode: bool = env("LIVEGIFT_DEV", False)
-    # Fan-out: events for a room are gathered for this many ms, then written in one frame.
+    # Fan-out: events for a room are gathered for this many ms, then written in one frame,
+    # whatever the room's size, as long as the event loop keeps up.
     batch_ms: int = env("LIVEGIFT_BATCH_MS", 10)
-    # Large rooms widen their window up to this, so frames carry more events per write.
+    # While the loop lags (livegift.hub.Pace), windows widen up to this, the rooms whose
+    # writes cost most the most, so each write carries more events.
     max_batch_ms: int = env("LIVEGIFT_MAX_BATCH_MS", 100)
     # A socket whose unsent bytes pass this bound is closed with 4008.
     send_buffer_limit: int = env("LIVEGIFT_SEND_BUFFER", 1 << 20, minimum=4096)

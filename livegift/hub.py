@@ -1,6 +1,6 @@
 """The per-process hub: rooms, members, one subscription per room, encode-once fan-out.
 
-Events for a room are gathered for ``batch_ms`` and then written as one batch: its payload
+Events for a room are gathered for a window and then written as one batch: its payload
 is encoded once per codec (the raw JSON bytes the Lua script published, joined, and only
 if a member speaks it, one MessagePack array) and packed once per :class:`Wire`; the same
 object goes to every member of that wire through its sink's ``writer``. No coroutine runs
@@ -8,6 +8,12 @@ per member per event. Each room's :class:`~livegift.sequencer.Sequencer` orders 
 arrives: duplicates are dropped and a gap is filled from the room's history before anything
 later goes out, so every member sees durable events in seq order exactly once. An event the
 hub cannot read is logged and counted, never dropped in silence.
+
+The window is ``batch_ms`` while the event loop keeps up, whatever the rooms' sizes. A
+batch costs one write per member however many events it carries, so a wider window saves
+loop time, but every event waits for it, and the saving pays only when something else is
+waiting for the loop. So the hub measures the loop's lag, and only while it is too high
+does :class:`Pace` widen windows, each room's in proportion to what its writes cost.
 """
 
 from __future__ import annotations
@@ -33,6 +39,68 @@ log = logging.getLogger("livegift.hub")
 
 # At most one warning per this many seconds about events the hub cannot read.
 BAD_EVENT_LOG_EVERY = 10.0
+
+# The loop is behind when a timer fires, on average over one sample, more than this late.
+LOOP_LAG_LIMIT_S = 0.010
+LAG_PROBE_S = 0.02  # the hub's lag probe: a timer this often, while it has rooms
+PACE_SAMPLE_S = 0.25  # how often Pace decides
+STRETCH_MIN = 0.25  # the first step above 0, then it doubles ...
+STRETCH_MAX = 64.0  # ... up to this (a 1 ms write gets 64 ms)
+
+
+class Pace:
+    """How much wider than ``base_s`` a room's next window is, from the loop's lag.
+
+    The window is ``stretch`` times what the room's last batch took to write, between
+    ``base_s`` and ``max_s``. ``stretch`` is 0 while the loop keeps up, so every room,
+    however large, gathers for ``base_s`` only. When timers fire on average more than
+    ``lag_limit_s`` late over one sample (the writes themselves block the loop, or acks,
+    joins, other rooms or other processes hold it), it steps up (``STRETCH_MIN``, then
+    doubling): the rooms whose writes cost most widen most, since widening them saves
+    most. Below half the limit it halves again, back to 0; in between it holds, so a
+    loop near its limit does not flap. Pure: the hub brings the clock readings.
+    """
+
+    def __init__(
+        self,
+        base_s: float,
+        max_s: float,
+        *,
+        lag_limit_s: float = LOOP_LAG_LIMIT_S,
+        sample_s: float = PACE_SAMPLE_S,
+    ) -> None:
+        self.base_s = base_s
+        self.max_s = max(max_s, base_s)
+        self.lag_limit_s = lag_limit_s
+        self.sample_s = sample_s
+        self.stretch = 0.0
+        self.lag = 0.0  # mean lateness over the last complete sample
+        self.samples = 0  # complete samples so far
+        self._since: float | None = None
+        self._late = 0.0
+        self._probes = 0
+
+    def window(self, took: float) -> float:
+        """The next window of a room whose last batch took ``took`` seconds to write."""
+        return min(self.max_s, max(self.base_s, self.stretch * took))
+
+    def lagged(self, now: float, late: float) -> None:
+        """Record a timer that fired ``late`` seconds after it was due, at ``now``."""
+        if self._since is None:
+            self._since = now
+        self._late += late
+        self._probes += 1
+        if now - self._since >= self.sample_s:
+            self.lag = self._late / self._probes
+            self._since, self._late, self._probes = now, 0.0, 0
+            self.samples += 1
+            self._decide()
+
+    def _decide(self) -> None:
+        if self.lag > self.lag_limit_s:
+            self.stretch = min(STRETCH_MAX, max(STRETCH_MIN, 2 * self.stretch))
+        elif self.lag < self.lag_limit_s / 2:
+            self.stretch = self.stretch / 2 if self.stretch > STRETCH_MIN else 0.0
 
 
 class Sink(Protocol):
@@ -104,8 +172,7 @@ class Hub:
         self.broker = broker_factory(self.on_message, self.on_reconnect)
         # A member's unsent bytes past this: too slow. Bounds resume chunks and backlogs.
         self.send_limit = send_limit
-        self.batch_s = batch_ms / 1000
-        self.max_batch_s = max(max_batch_ms, batch_ms) / 1000
+        self.pace = Pace(batch_ms / 1000, max_batch_ms / 1000)
         self.linger_s = linger_s
         self.rooms: dict[str, Room] = {}
         self.watcher: Watcher = Unwatched()
@@ -113,6 +180,7 @@ class Hub:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bad_logged = float("-inf")
         self._bad_unlogged = 0
+        self._probe: asyncio.TimerHandle | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -120,6 +188,9 @@ class Hub:
         await self.broker.start()
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
         await self.broker.close()
 
     def drain(
@@ -186,6 +257,8 @@ class Hub:
         if room is None:
             room = self.rooms[room_id] = Room(room_id, self._loop, self.send_limit)
             ROOMS.inc()
+            if self._probe is None:
+                self._probe_lag(time.perf_counter())
         elif room.linger is not None:
             room.linger.cancel()
             room.linger = None
@@ -370,7 +443,7 @@ class Hub:
         if not room.pending:
             room.first_pending = time.perf_counter()
             if room.handle is None:
-                window = max(self.batch_s, room.window)
+                window = max(self.pace.base_s, room.window)
                 if window > 0:
                     room.handle = self._loop.call_later(window, self._flush, room)
                 else:
@@ -382,8 +455,8 @@ class Hub:
     def _flush(self, room: Room) -> None:
         """Write the room's pending events: one payload per codec, packed once per wire.
 
-        The next window adapts to the room's size: at least twice what this write loop
-        took, so a huge room batches more per write instead of starving everything else.
+        The room's next window comes from :class:`Pace`: ``batch_ms`` while the loop
+        keeps up, wider, in proportion to what this write loop took, while it is behind.
         """
         room.handle = None
         batch = room.pending
@@ -393,12 +466,24 @@ class Hub:
         room.pending = []
         delivered = room.write(batch)
         done = time.perf_counter()
-        room.window = min(self.max_batch_s, 2 * (done - started))
+        room.window = self.pace.window(done - started)
         DELIVERIES.inc(delivered * len(batch))
         FANOUT_BATCH.observe(len(batch))
         FANOUT_LATENCY.observe(done - room.first_pending)
         if room.ended:
             room.close_live(disconnect.NORMAL)
+
+    def _probe_lag(self, due: float) -> None:
+        """Tell Pace how late this timer fired, and set the next while there are rooms.
+
+        The clock is read here, not ``loop.time()``: uvloop's is read once per loop
+        iteration, so it would not show a flush that ran just before this timer."""
+        now = time.perf_counter()
+        self.pace.lagged(now, max(0.0, now - due))
+        if self.rooms:
+            self._probe = self._loop.call_later(LAG_PROBE_S, self._probe_lag, now + LAG_PROBE_S)
+        else:
+            self._probe = None
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)

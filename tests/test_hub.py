@@ -27,7 +27,7 @@ from livegift.auth import User
 from livegift.broker import Broker
 from livegift.config import Settings
 from livegift.disconnect import Close
-from livegift.hub import Hub, Member
+from livegift.hub import LAG_PROBE_S, LOOP_LAG_LIMIT_S, STRETCH_MAX, STRETCH_MIN, Hub, Member, Pace
 from livegift.protocol import JSON_FRAMES, JSON_TEXT, MSGPACK_BYTES, MSGPACK_FRAMES, Wire
 from livegift.streams import Streams
 from tests.conftest import PAYMENT_SECRET, SECRET, uid, unit
@@ -380,3 +380,122 @@ async def test_a_subscribe_the_store_never_confirms_is_unavailable(tmp_path: Any
         await broker.close()
         await client.aclose()
         server.stop()
+
+
+# -- the batch window: Pace, and the hub's use of it ------------------------------------
+
+BASE, MAX = 0.010, 0.100
+BIG, SMALL = 0.050, 0.0005  # what writing one batch takes: 5,000 members, 50 members
+
+
+def probe(pace: Pace, lag: float, samples: int = 1, now: float = 0.0) -> float:
+    """Feed probes each ``lag`` late until ``samples`` more samples are complete; the
+    clock after."""
+    done = pace.samples + samples
+    while pace.samples < done:
+        now += LAG_PROBE_S
+        pace.lagged(now, lag)
+    return now
+
+
+def test_a_room_of_any_size_keeps_the_base_window_while_the_loop_keeps_up() -> None:
+    """Issue 10: a 5,000-member room took ~50 ms to write and so waited 100 ms per batch
+    (twice its write time) even with the server mostly idle."""
+    pace = Pace(BASE, MAX)
+    probe(pace, LOOP_LAG_LIMIT_S / 3, samples=8)
+    assert pace.stretch == 0
+    assert pace.window(BIG) == pace.window(SMALL) == BASE
+    # Lagging more than half the limit, but not more than the limit, widens nothing.
+    probe(pace, LOOP_LAG_LIMIT_S * 0.9, samples=8)
+    assert pace.window(BIG) == BASE
+
+
+def test_a_loop_behind_widens_the_rooms_whose_writes_cost_most() -> None:
+    pace = Pace(BASE, MAX)
+    now = probe(pace, 2 * LOOP_LAG_LIMIT_S)
+    assert pace.lag == pytest.approx(2 * LOOP_LAG_LIMIT_S)
+    assert pace.stretch == STRETCH_MIN
+    stretches, big, small = [], [], []
+    for _ in range(12):
+        now = probe(pace, 2 * LOOP_LAG_LIMIT_S, now=now)
+        stretches.append(pace.stretch)
+        big.append(pace.window(BIG))
+        small.append(pace.window(SMALL))
+    assert stretches[:3] == [2 * STRETCH_MIN, 4 * STRETCH_MIN, 8 * STRETCH_MIN]
+    assert stretches[-1] == STRETCH_MAX  # bounded
+    assert big == sorted(big) and big[-1] == MAX  # a really overloaded room: the widest
+    assert small == sorted(small) and small[-1] == STRETCH_MAX * SMALL < MAX
+    assert all(s <= b for s, b in zip(small, big, strict=True))
+    # Before the stretch reaches it, a cheap room stays at the base window.
+    assert small[2] == BASE < big[2]
+
+
+def test_the_window_holds_near_the_limit_and_narrows_back_with_slack() -> None:
+    pace = Pace(BASE, MAX)
+    now = probe(pace, 2 * LOOP_LAG_LIMIT_S, samples=4)
+    assert pace.stretch == 8 * STRETCH_MIN
+    # Between half the limit and the limit: hold (a loop at its limit does not flap).
+    now = probe(pace, 0.75 * LOOP_LAG_LIMIT_S, samples=5, now=now)
+    assert pace.stretch == 8 * STRETCH_MIN
+    # Slack: halve each sample, then 0 below the first step.
+    seen = []
+    for _ in range(5):
+        now = probe(pace, 0.1 * LOOP_LAG_LIMIT_S, now=now)
+        seen.append(pace.stretch)
+    assert seen == [4 * STRETCH_MIN, 2 * STRETCH_MIN, STRETCH_MIN, 0, 0]
+    assert pace.window(BIG) == BASE
+
+
+def test_a_zero_base_window_stays_zero_until_the_loop_is_behind() -> None:
+    pace = Pace(0.0, MAX)
+    probe(pace, 0.0, samples=3)
+    assert pace.window(BIG) == 0.0
+    probe(pace, 2 * LOOP_LAG_LIMIT_S, samples=2)
+    assert pace.window(BIG) == 2 * STRETCH_MIN * BIG
+
+
+async def test_the_hub_waits_the_window_pace_gives_each_room(hub: Hub, room: str) -> None:
+    sink = await join(hub, room)
+    loop = asyncio.get_running_loop()
+    seen = 1
+
+    async def push() -> None:
+        nonlocal seen
+        assert hub.push(room, b'{"type":"like","user":"x"}')
+        seen += 1
+        await until(lambda: len(sink.got) == seen, "the pushed event")
+
+    await push()  # a base window of 0: written on the next tick
+    # The loop far behind: the next window of this room is the widest.
+    hub.pace.stretch = 1e9
+    await push()
+    assert hub.rooms[room].window == hub.pace.max_s
+    before = loop.time()
+    assert hub.push(room, b'{"type":"like","user":"y"}')
+    handle = hub.rooms[room].handle
+    assert isinstance(handle, asyncio.TimerHandle)
+    assert handle.when() >= before + hub.pace.max_s
+    seen += 1
+    await until(lambda: len(sink.got) == seen, "the event after the wide window")
+    # Back to a loop that keeps up: the next batch goes on the next tick again.
+    hub.pace.stretch = 0.0
+    await push()
+    assert hub.rooms[room].window == 0.0
+    assert hub.push(room, b'{"type":"like","user":"z"}')
+    assert not isinstance(hub.rooms[room].handle, asyncio.TimerHandle)
+    seen += 1
+    await until(lambda: len(sink.got) == seen, "the last event")
+
+
+async def test_a_blocked_loop_is_measured_as_behind(hub: Hub, room: str) -> None:
+    """The hub's lag probe runs while it has rooms; blocking the loop longer than the
+    limit, again and again, for more than a sample makes Pace widen (a slower machine
+    only makes the lag larger)."""
+    await join(hub, room)
+    assert hub.pace.stretch == 0
+    block = LAG_PROBE_S + 3 * LOOP_LAG_LIMIT_S
+    for _ in range(int(2 * hub.pace.sample_s / block) + 2):
+        time.sleep(block)  # what a write loop to a huge room does to everything else
+        await asyncio.sleep(0)
+    assert hub.pace.lag > LOOP_LAG_LIMIT_S
+    assert hub.pace.stretch >= STRETCH_MIN
