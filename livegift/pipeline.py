@@ -36,7 +36,12 @@ _REROUTE = (redis_errors.AskError, redis_errors.TryAgainError, redis_errors.Clus
 
 
 def _bulk(value: str | int | bytes) -> bytes:
-    data = value if isinstance(value, bytes) else str(value).encode()
+    if type(value) is bytes:
+        data = value
+    elif type(value) is int:
+        data = b"%d" % value
+    else:
+        data = str(value).encode()
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 

@@ -50,7 +50,7 @@ async def setup(ledger: Ledger) -> tuple[User, User, str]:
 async def send_only(ledger: Ledger, fan: User, room: str, creator: str, req: str) -> Transfer:
     """Step 1 alone: what a process that crashed right after it leaves behind."""
     call = gift_send_call(SETTINGS, fan, room, req, ledger.catalog.gift("donut"), 1, True, creator)
-    raw, _, _ = await ledger._run("gift_send", *call)
+    raw, _, _, _ = await ledger._run("gift_send", *call)
     return Transfer.parse(raw)
 
 
@@ -118,4 +118,19 @@ async def test_no_replica_confirms_then_unavailable_and_the_retry_tells_the_trut
     assert (again.balance, again.replay) == (300, True)
     assert await ledger.wallet(creator.id) == (0, 30)
     await strict.aclose()
+    books_ok(ledger)
+
+
+async def test_a_gift_voided_on_its_way_gives_the_days_spending_back(ledger: Ledger) -> None:
+    from livegift.clock import today
+    from livegift.streams import Streams
+
+    capped = Ledger(ledger.redis, SETTINGS.with_(daily_spend_cap=100), ledger.catalog)
+    creator, fan, room = await setup(ledger)
+    await Streams(ledger.redis, SETTINGS, ledger.scripts).end_stream(creator, room)
+    with pytest.raises(StreamNotLive):  # debited, found the room ended, refunded
+        await capped.gift(fan, room, "r1", ledger.catalog.gift("donut"), 1, adult=True)
+    assert await ledger.wallet(fan.id) == (330, 0)
+    assert int(await ledger.redis.get(keys.spend(fan.id, today())) or 0) == 0
+    await capped.aclose()
     books_ok(ledger)

@@ -12,8 +12,9 @@
 -- ARGV[6] gift id   ARGV[7] gift name   ARGV[8] gift coins  ARGV[9] streakable 1|0
 -- ARGV[10] count    ARGV[11] rate/s     ARGV[12] burst      ARGV[13] daily cap (0 = off)
 -- ARGV[14] the room's creator ('' for no such room)   ARGV[15] this partition's number
--- Returns: {transfer JSON, balance after, replay 0|1}. A replay (the req seen before)
--- returns the first call's transfer and balance; the caller lands it again (idempotent).
+-- Returns: {transfer JSON, balance after, replay 0|1, transfer id}. A replay (the req seen
+-- before) returns the first call's transfer and balance ('' for the id: it is in the JSON);
+-- the caller lands it again (idempotent).
 -- Errors: idempotency_conflict, stream_not_live (no such room), not_adult, self_gift,
 -- insufficient_funds, rate_limited.
 
@@ -32,7 +33,7 @@ if prior then
   end
   local sep2 = string.find(prior, '\n', sep + 1, true)
   synced(KEYS[9])
-  return {string.sub(prior, sep2 + 1), tonumber(string.sub(prior, sep + 1, sep2 - 1)), 1}
+  return {string.sub(prior, sep2 + 1), tonumber(string.sub(prior, sep + 1, sep2 - 1)), 1, ''}
 end
 
 if creator == '' then
@@ -88,4 +89,4 @@ local transfer = obj({
 })
 redis.call('HSET', KEYS[8], xfer, transfer)
 redis.call('SET', KEYS[2], fingerprint .. '\n' .. fmt(left) .. '\n' .. transfer, 'EX', 86400)
-return {transfer, left, 0}
+return {transfer, left, 0, xfer}
