@@ -834,3 +834,12 @@ def valkey_cluster_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module", name="cluster")
+def healed_cluster_fixture(valkey_cluster: ValkeyCluster) -> Iterator[ValkeyCluster]:
+    """The session cluster, whole before a module's tests and healed after them (import
+    this function to make ``cluster`` available)."""
+    valkey_cluster.heal()
+    yield valkey_cluster
+    valkey_cluster.heal()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -22,7 +22,11 @@ from redis.asyncio import Redis
 from livegift import keys, store
 from livegift.broker import Broker
 from livegift.errors import Unavailable
-from tests.cluster import ClusterNode, ValkeyCluster
+from tests.cluster import (  # noqa: F401 (fixture)
+    ClusterNode,
+    ValkeyCluster,
+    healed_cluster_fixture,
+)
 from tests.conftest import uid, unit
 
 LUA_SPUBLISH = "return redis.call('SPUBLISH', ARGV[1], ARGV[2])"
@@ -180,13 +184,6 @@ async def test_a_lost_connection_resubscribes_and_names_each_room(
 
 
 # -- a cluster ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster(valkey_cluster: ValkeyCluster) -> Iterator[ValkeyCluster]:
-    valkey_cluster.heal()
-    yield valkey_cluster
-    valkey_cluster.heal()
 
 
 @pytest.fixture

@@ -29,7 +29,11 @@ from redis import exceptions as redis_errors
 from livegift import keys, store
 from livegift.errors import LiveGiftError, Unavailable
 from livegift.scripts import _store_error, store_errors
-from tests.cluster import ValkeyCluster, valkey_cluster_fixture  # noqa: F401
+from tests.cluster import (  # noqa: F401 (fixtures)
+    ValkeyCluster,
+    healed_cluster_fixture,
+    valkey_cluster_fixture,
+)
 from tests.conftest import ROOT, LiveServer, unit
 from tests.test_ws import stream, viewer
 from tests.wsclient import Client
@@ -71,12 +75,6 @@ def test_script_replies_keep_their_codes() -> None:
 
 
 # -- a server on the cluster ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster(valkey_cluster: ValkeyCluster) -> Iterator[ValkeyCluster]:
-    yield valkey_cluster
-    valkey_cluster.heal()
 
 
 @pytest.fixture

@@ -29,7 +29,11 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from livegift import keys
-from tests.cluster import ValkeyCluster, valkey_cluster_fixture  # noqa: F401
+from tests.cluster import (  # noqa: F401 (fixtures)
+    ValkeyCluster,
+    healed_cluster_fixture,
+    valkey_cluster_fixture,
+)
 from tests.conftest import LiveServer, uid, unit
 from tests.test_cluster_basics import reconcile_cli
 from tests.wsclient import Client
@@ -40,13 +44,6 @@ ROOMS = 3
 VIEWERS = 6
 GIFTS = 30  # per viewer
 START_COINS = 6607
-
-
-@pytest.fixture(scope="module")
-def cluster(valkey_cluster: ValkeyCluster) -> Iterator[ValkeyCluster]:
-    valkey_cluster.heal()
-    yield valkey_cluster
-    valkey_cluster.heal()
 
 
 @pytest.fixture
