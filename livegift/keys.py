@@ -18,11 +18,11 @@ partition (debit, ledger entry, req outcome, outbox record), then ``gift_land`` 
 
 Per user U (in partition P(U)):
 
-    lg:{P}:w:<U>                   hash  coins, diamonds           wallet
+    lg:{P}:w:<U>                   hash  coins, diamonds, rl       wallet; rl: the gift rate
+                                                                    bucket, "<tokens> <ms>"
     lg:{P}:name:<U>                string display name seen last
     lg:{P}:acct:<U>                zset  score=entry id member=stream id  U's ledger entries
     lg:{P}:req:<U>:<req>           string fingerprint \\n outcome   gift idempotency (24 h)
-    lg:{P}:rl:<U>                  string "<tokens> <ms>"           gift rate bucket (expires)
     lg:{P}:spend:<U>:<yyyymmdd>    string coins spent that day     optional daily cap
     lg:{P}:txn:<txn>               string JSON transaction         receipt, credited once
     lg:{P}:creator:<U>:live        string room id of U's live stream
@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from functools import cache
+from functools import cache, lru_cache
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
@@ -140,10 +140,12 @@ def new_payout_id(user: str, suffix: str) -> str:
     return f"po_{code(user_partition(user))}{suffix}"
 
 
+@lru_cache(maxsize=1 << 16)
 def _u(user: str) -> str:
     return base(user_partition(user))
 
 
+@lru_cache(maxsize=1 << 14)
 def _r(room_id: str) -> str:
     return base(room_partition(room_id))
 
@@ -169,10 +171,6 @@ def account(user: str) -> str:
 
 def gift_req(user: str, req: str) -> str:
     return f"{_u(user)}:req:{user}:{req}"
-
-
-def rate(user: str) -> str:
-    return f"{_u(user)}:rl:{user}"
 
 
 def spend(user: str, day: str) -> str:

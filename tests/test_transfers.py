@@ -16,7 +16,7 @@ from livegift.auth import User
 from livegift.catalog import default_catalog
 from livegift.config import Settings
 from livegift.errors import StreamNotLive, Unavailable
-from livegift.ledger import Ledger, Transfer, gift_send_call
+from livegift.ledger import Ledger, Transfer
 from livegift.reconcile import reconcile
 from livegift.store import connect_sync
 from tests.conftest import PAYMENT_SECRET, SECRET, uid
@@ -49,9 +49,8 @@ async def setup(ledger: Ledger) -> tuple[User, User, str]:
 
 async def send_only(ledger: Ledger, fan: User, room: str, creator: str, req: str) -> Transfer:
     """Step 1 alone: what a process that crashed right after it leaves behind."""
-    call = gift_send_call(SETTINGS, fan, room, req, ledger.catalog.gift("donut"), 1, True, creator)
-    raw, _, _, _ = await ledger._run("gift_send", *call)
-    return Transfer.parse(raw)
+    t, _, _ = await ledger.send(fan, room, req, ledger.catalog.gift("donut"), 1, True, creator)
+    return t
 
 
 def books_ok(ledger: Any) -> Any:

@@ -39,16 +39,16 @@ end
 -- account. PARTITIONS is set by livegift/scripts.py. The entry's id is unique across
 -- partitions: n * PARTITIONS + part, n counting the partition's entries from 1.
 -- xfer names the gift transfer of gift_debit/gift_credit/gift_refund ('' otherwise; true:
--- this entry's own id, for the debit that starts a transfer).
+-- this entry's own id, for the debit that starts a transfer). Numbers go to redis.call as
+-- numbers: Redis writes integral ones as integers, exactly, with no string.format here.
 local function entry(ledger, entry_seq, acct, part, ts, kind, account, asset, amount, balance,
                      counterparty, ref, room, xfer)
-  local n = redis.call('INCR', entry_seq)
-  local id = n * PARTITIONS + part
+  local id = redis.call('INCR', entry_seq) * PARTITIONS + part
   if xfer == true then
-    xfer = fmt(id)
+    xfer = id
   end
-  local sid = redis.call('XADD', ledger, '*', 'id', fmt(id), 'ts', fmt(ts), 'kind', kind,
-    'account', account, 'asset', asset, 'amount', fmt(amount), 'balance', fmt(balance),
+  local sid = redis.call('XADD', ledger, '*', 'id', id, 'ts', ts, 'kind', kind,
+    'account', account, 'asset', asset, 'amount', amount, 'balance', balance,
     'counterparty', counterparty, 'ref', ref, 'room', room, 'xfer', xfer)
   redis.call('ZADD', acct, id, sid)
   return id
@@ -62,19 +62,26 @@ end
 
 -- Append a durable room event to the room's history and publish it (a shard channel of
 -- the room's slot).
--- Keeps at least the last hist_len events and everything newer than hist_ms.
+-- Keeps at least the last hist_len events and everything newer than hist_ms; events older
+-- than 50 * hist_len seqs go whatever their age. Each call looks at the two oldest events
+-- (one read) and drops those it may (at most two: twice the rate events arrive).
 local function emit(hist, channel, seq, data, now, hist_len, hist_ms)
   redis.call('ZADD', hist, seq, data)
-  for _ = 1, 2 do
-    local oldest = redis.call('ZRANGE', hist, 0, 0, 'WITHSCORES')
-    if not oldest[2] or tonumber(oldest[2]) > seq - hist_len then
+  local old = redis.call('ZRANGE', hist, 0, 1, 'WITHSCORES')
+  local drop = 0
+  for i = 1, #old, 2 do
+    local oseq = tonumber(old[i + 1])
+    if oseq > seq - hist_len then
       break
     end
-    local ots = tonumber(string.match(oldest[1], '"ts":(%d+)') or '0')
-    if ots >= now - hist_ms and tonumber(oldest[2]) > seq - 50 * hist_len then
+    local ots = tonumber(string.match(old[i], '"ts":(%d+)') or '0')
+    if ots >= now - hist_ms and oseq > seq - 50 * hist_len then
       break
     end
-    redis.call('ZREMRANGEBYRANK', hist, 0, 0)
+    drop = drop + 1
+  end
+  if drop > 0 then
+    redis.call('ZREMRANGEBYRANK', hist, 0, drop - 1)
   end
   redis.call('SPUBLISH', channel, data)
 end

@@ -10,10 +10,16 @@
 -- KEYS[4] room top zset
 -- KEYS[5] room history   KEYS[6] ledger stream   KEYS[7] ledger entry counter
 -- KEYS[8] creator account index   KEYS[9] the transfer's outcome   KEYS[10] sync counter
--- ARGV[1] the transfer JSON (gift_send's)   ARGV[2] combo window ms   ARGV[3] history length
--- ARGV[4] history ms   ARGV[5] the room's channel
--- ARGV[6] auto shout-out min coins (0 = off)   ARGV[7] auto shout-out text
--- ARGV[8] this partition's number
+-- The transfer (ledger.py's Transfer), as gift_send recorded it:
+-- ARGV[1] transfer id   ARGV[2] viewer   ARGV[3] creator   ARGV[4] room id   ARGV[5] req
+-- ARGV[6] ts (ms, the send's)   ARGV[7] cost   ARGV[8] count   ARGV[9] gift id
+-- ARGV[10] streakable 1|0
+-- ARGV[11] the gift event's JSON after its seq, up to '"combo":' (ledger.py builds it;
+--          this script adds the combo and the closing brace)
+-- ARGV[12] the viewer as JSON ({"id":..,"name":..}, for an auto shout-out)
+-- ARGV[13] combo window ms   ARGV[14] history length   ARGV[15] history ms
+-- ARGV[16] the room's channel   ARGV[17] auto shout-out min coins (0 = off)
+-- ARGV[18] auto shout-out text   ARGV[19] this partition's number
 -- Returns: "<seq> <combo>", or "void".
 
 local prior = redis.call('GET', KEYS[9])
@@ -22,59 +28,52 @@ if prior then
   return prior
 end
 
-local t = cjson.decode(ARGV[1])
-local room = redis.call('HMGET', KEYS[2], 'live', 'creator')
-if room[1] ~= '1' or room[2] ~= t.creator then
+local user, creator, room_id, gift = ARGV[2], ARGV[3], ARGV[4], ARGV[9]
+local room = redis.call('HMGET', KEYS[2], 'live', 'creator', 'seq', 'coins', 'gifts')
+if room[1] ~= '1' or room[2] ~= creator then
   redis.call('SET', KEYS[9], 'void', 'EX', 90000)
   return 'void'
 end
 
 -- The gift's time is when it was sent (the debit's): its event's ts, and its streak's.
-local now = tonumber(t.ts)
-local cost, count = tonumber(t.cost), tonumber(t.count)
+local now = tonumber(ARGV[6])
+local cost, count = tonumber(ARGV[7]), tonumber(ARGV[8])
 local diamonds = redis.call('HINCRBY', KEYS[1], 'diamonds', cost)
-entry(KEYS[6], KEYS[7], KEYS[8], tonumber(ARGV[8]), now, 'gift_credit', t.creator, 'diamonds',
-  cost, diamonds, t.user, t.req, t.room, t.xfer)
+entry(KEYS[6], KEYS[7], KEYS[8], tonumber(ARGV[19]), now, 'gift_credit', creator, 'diamonds',
+  cost, diamonds, user, ARGV[5], room_id, ARGV[1])
 
 local combo = count
-local window = tonumber(ARGV[2])
-if t.streakable then
+if ARGV[10] == '1' then
+  local window = tonumber(ARGV[13])
   local state = redis.call('GET', KEYS[3])
   if state then
-    local gift, was, at = string.match(state, '^(%S+) (%d+) (%d+)$')
-    if gift == t.gift and now - tonumber(at) <= window then
+    local was_gift, was, at = string.match(state, '^(%S+) (%d+) (%d+)$')
+    if was_gift == gift and now - tonumber(at) <= window then
       combo = tonumber(was) + count
     end
   end
-  redis.call('SET', KEYS[3], t.gift .. ' ' .. fmt(combo) .. ' ' .. fmt(now), 'PX', window + 1000)
+  redis.call('SET', KEYS[3], gift .. ' ' .. fmt(combo) .. ' ' .. fmt(now), 'PX', window + 1000)
 else
   redis.call('DEL', KEYS[3])
 end
 
-local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
-redis.call('HINCRBY', KEYS[2], 'coins', cost)
-redis.call('HINCRBY', KEYS[2], 'gifts', 1)
-redis.call('ZINCRBY', KEYS[4], cost, t.user)
-local hist_len, hist_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
-local from = obj({'id', jstr(t.user), 'name', jstr(t.name)})
-local sent = event('gift', seq, now, {
-  'room', jstr(t.room),
-  'from', from,
-  'gift', obj({'id', jstr(t.gift), 'name', jstr(t.gift_name), 'coins', fmt(t.gift_coins)}),
-  'count', fmt(count),
-  'coins', fmt(cost),
-  'combo', fmt(combo),
-})
-emit(KEYS[5], ARGV[5], seq, sent, now, hist_len, hist_ms)
+local seq = tonumber(room[3] or '0') + 1
+redis.call('ZINCRBY', KEYS[4], cost, user)
+local hist_len, hist_ms = tonumber(ARGV[14]), tonumber(ARGV[15])
+emit(KEYS[5], ARGV[16], seq, '{"type":"gift","seq":' .. fmt(seq) .. ARGV[11] .. fmt(combo) .. '}',
+  now, hist_len, hist_ms)
 
-local auto_min = tonumber(ARGV[6])
+local last = seq
+local auto_min = tonumber(ARGV[17])
 if auto_min > 0 and cost >= auto_min then
-  local sseq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
-  local shout = event('shoutout', sseq, now, {
-    'room', jstr(t.room), 'to', from, 'text', jstr(ARGV[7]), 'auto', 'true',
+  last = seq + 1
+  local shout = event('shoutout', last, now, {
+    'room', jstr(room_id), 'to', ARGV[12], 'text', jstr(ARGV[18]), 'auto', 'true',
   })
-  emit(KEYS[5], ARGV[5], sseq, shout, now, hist_len, hist_ms)
+  emit(KEYS[5], ARGV[16], last, shout, now, hist_len, hist_ms)
 end
+redis.call('HSET', KEYS[2], 'seq', last, 'coins', tonumber(room[4] or '0') + cost,
+  'gifts', tonumber(room[5] or '0') + 1)
 
 local outcome = fmt(seq) .. ' ' .. fmt(combo)
 redis.call('SET', KEYS[9], outcome, 'EX', 90000)
