@@ -10,9 +10,11 @@ under any ASGI server) only move bytes: they parse the handshake into a
   ``too_many_connections``); the connection gives it back once, when it ends;
 - **join**: the room is looked up (unknown or ended: 4404; data store down: 1013), the
   session is made and the hub adds the member (welcome, resume, live events);
-- **ops**: run one at a time in arrival order, each answered by an ack; a client that
-  floods is paused by the driver while ops wait, and one that keeps sending garbage is
-  closed with 1008;
+- **ops**: each answered by an ack, acks in arrival order. Consecutive gifts overlap (up
+  to ``OVERLAP`` in flight, so that one client's gifts are not held to one round trip
+  each); any other op waits for the ops before it and runs alone. A client that floods
+  is paused by the driver while ops wait, and one that keeps sending garbage is closed
+  with 1008;
 - **leave**: the member leaves its room when the socket goes, for whatever reason;
 - **token expiry** (PROTOCOL §8): the token's ``exp`` holds on the open socket. A ``refresh``
   op moves it; at ``exp`` the process's sweep (:mod:`livegift.expiry`) closes the socket
@@ -29,12 +31,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from livegift import disconnect
 from livegift.errors import LiveGiftError, NotFound, TokenExpired
 from livegift.hub import Member, Sink
 from livegift.metrics import CONNECTIONS, SLOW_CLOSES
+from livegift.protocol import GiftOp, Op
 from livegift.session import Session
 
 if TYPE_CHECKING:
@@ -47,6 +50,9 @@ log = logging.getLogger("livegift.connection")
 # Ops waiting beyond this many: the driver stops reading until they are done, so a flood
 # waits in the kernel's buffers, not in ours.
 MAX_QUEUED_OPS = 32
+# Gift ops of one connection in flight at once. Their debits and landings keep arrival
+# order (they join the same or a later batch of the same partition, livegift.pipeline).
+OVERLAP = 16
 
 JOINING, OPEN, CLOSED = range(3)
 
@@ -82,6 +88,7 @@ class Connection:
         "_flow",
         "_ops",
         "_task",
+        "_wake",
         "expires",
         "join",
         "member",
@@ -111,6 +118,7 @@ class Connection:
         self._flow = flow
         self._ops: deque[bytes | str] | None = None  # made when a client first sends
         self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None  # set while _run_ops waits for ops or acks
         # The token's exp (epoch seconds), watched by services.deadlines; 0 once closed.
         self.expires = join.expires
         CONNECTIONS.inc()
@@ -169,7 +177,7 @@ class Connection:
     # -- ops -----------------------------------------------------------------------------
 
     def receive(self, data: bytes | str) -> None:
-        """A client message arrived; its ack follows once the ops before it are done."""
+        """A client message arrived; its ack follows those of the ops before it."""
         if self.state == CLOSED:
             return
         if self._ops is None:
@@ -179,15 +187,71 @@ class Connection:
             self._flow.pause_reading()
         if self._task is None and self.state == OPEN:
             self._task = asyncio.get_running_loop().create_task(self._run_ops())
+        elif self._wake is not None:
+            self._wake.set()
 
     async def _run_ops(self) -> None:
+        """Run the queued ops: gifts overlap, acks go out in arrival order."""
+        running: deque[asyncio.Task[dict[str, Any]]] = deque()
+        wake = self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
         try:
-            while self._ops and self.state == OPEN:
-                await self.op(self._ops.popleft())
-                if not self._ops and self._flow is not None and self.state == OPEN:
+            while self.state == OPEN:
+                while running and running[0].done():
+                    self._answer(running.popleft().result())
+                if self.state != OPEN:
+                    break
+                if self._ops and len(running) < OVERLAP:
+                    op = self._next_op()
+                    if op is None:
+                        break
+                    if isinstance(op, GiftOp):
+                        task = loop.create_task(self._session().run(op))
+                        task.add_done_callback(lambda _: wake.set())
+                        running.append(task)
+                        continue
+                    # Anything else runs alone, after the ops before it.
+                    while running:
+                        self._answer(await running.popleft())
+                    if self.state == OPEN:
+                        self._answer(op if isinstance(op, dict) else await self._session().run(op))
+                    continue
+                if not self._ops and self._flow is not None:
                     self._flow.resume_reading()
+                if not running and not self._ops:
+                    break
+                wake.clear()
+                await wake.wait()
         finally:
+            for task in running:
+                task.cancel()
+            self._wake = None
             self._task = None
+
+    def _session(self) -> Session:
+        assert self.session is not None
+        return self.session
+
+    def _next_op(self) -> Op | dict[str, Any] | None:
+        """The next queued frame, decoded (or its error ack); None when the token's exp
+        passed first (the socket is then closed: the op is never run)."""
+        assert self._ops is not None
+        data = self._ops.popleft()
+        if self.expires and time.time() >= self.expires:
+            self.expire()
+            return None
+        return self._session().decode(data)
+
+    def _answer(self, ack: dict[str, Any]) -> None:
+        """Write one ack, unless the socket is closing."""
+        session = self.session
+        if session is None or self.state != OPEN or self.sink.closed:
+            return
+        if session.expires != self.expires:
+            self._refreshed(session.expires)
+        self.sink.write(self.sink.wire.encode(ack))
+        if session.too_many_bad_frames:
+            self.sink.close(disconnect.POLICY)
 
     async def op(self, data: bytes | str) -> None:
         """Run one client message and write its ack (drivers without flow control call
@@ -198,14 +262,7 @@ class Connection:
         if self.expires and time.time() >= self.expires:
             self.expire()  # the sweep may not have come round yet: never run it
             return
-        ack = await session.handle(data)
-        if self.state != OPEN or self.sink.closed:
-            return
-        if session.expires != self.expires:
-            self._refreshed(session.expires)
-        self.sink.write(self.sink.wire.encode(ack))
-        if session.too_many_bad_frames:
-            self.sink.close(disconnect.POLICY)
+        self._answer(await session.handle(data))
 
     # -- token expiry --------------------------------------------------------------------
 

@@ -21,10 +21,11 @@ from livegift.errors import (
     StreamNotLive,
     Unauthorized,
 )
-from livegift.metrics import BAD_FRAMES, GIFTS
+from livegift.metrics import BAD_FRAMES, GIFTS, GIFTS_OK, GIFTS_REPLAYED
 from livegift.protocol import (
     Codec,
     GiftOp,
+    Op,
     RefreshOp,
     ShoutoutOp,
     ack_error,
@@ -80,6 +81,12 @@ class Session:
 
     async def handle(self, data: bytes | str) -> dict[str, Any]:
         """The ack for one client frame. Never raises for anything the client sent."""
+        op = self.decode(data)
+        return op if isinstance(op, dict) else await self.run(op)
+
+    def decode(self, data: bytes | str) -> Op | dict[str, Any]:
+        """One client frame's op, or the error ack that answers it (a bad frame counts
+        towards ``too_many_bad_frames``)."""
         req: str | None = None
         try:
             try:
@@ -89,16 +96,25 @@ class Session:
             except Exception:
                 raise BadRequest("frame is not valid " + self.codec.name) from None
             req = read_req(message)
-            op = parse_op(message)
-            return await HANDLERS[type(op)](self, op)
+            return parse_op(message)
         except LiveGiftError as exc:
             if isinstance(exc, BadRequest):
                 self.bad_frames += 1
                 BAD_FRAMES.inc()
             return ack_error(req, exc.code, exc.message)
+
+    async def run(self, op: Op) -> dict[str, Any]:
+        """The ack for one decoded op. Never raises for anything the client sent."""
+        try:
+            return await HANDLERS[type(op)](self, op)
+        except LiveGiftError as exc:
+            if isinstance(exc, BadRequest):
+                self.bad_frames += 1
+                BAD_FRAMES.inc()
+            return ack_error(op.req, exc.code, exc.message)
         except Exception:
             log.exception("op failed")
-            return ack_error(req, "internal", "internal server error")
+            return ack_error(op.req, "internal", "internal server error")
 
     async def _gift(self, op: GiftOp) -> dict[str, Any]:
         try:
@@ -119,7 +135,7 @@ class Session:
         except LiveGiftError as exc:
             GIFTS.labels(exc.code).inc()
             raise
-        GIFTS.labels("replay" if outcome.replay else "ok").inc()
+        (GIFTS_REPLAYED if outcome.replay else GIFTS_OK).inc()
         return ack_ok(op.req, balance=outcome.balance, seq=outcome.seq, combo=outcome.combo)
 
     async def _shoutout(self, op: ShoutoutOp) -> dict[str, Any]:
