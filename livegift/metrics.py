@@ -7,6 +7,10 @@ from prometheus_client import Counter, Gauge, Histogram
 CONNECTIONS = Gauge("livegift_connections", "Open WebSocket connections in this process")
 ROOMS = Gauge("livegift_rooms", "Rooms with at least one member in this process")
 GIFTS = Counter("livegift_gifts_total", "Gift ops by outcome", ["outcome"])
+# The gift path's two common outcomes, looked up once (labels() costs a lock and a dict
+# lookup per call).
+GIFTS_OK = GIFTS.labels("ok")
+GIFTS_REPLAYED = GIFTS.labels("replay")
 RECHARGES = Counter("livegift_recharges_total", "Recharges by outcome", ["outcome"])
 FANOUT_LATENCY = Histogram(
     "livegift_fanout_seconds",
